@@ -1,0 +1,118 @@
+"""Configuration of targeted dropout: a validated dataclass, serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+MODES = ("weight", "unit")
+"""Targeting granularities: ``"weight"`` targets the lowest-|w| entries of each output unit's
+incoming weight vector w_o; ``"unit"`` targets whole output units with the lowest ||w_o||_2."""
+
+TargetSpec = Optional[Union[str, Sequence[str]]]
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a real number in [0, 1], else raise ``ValueError``
+    naming ``name`` and the allowed range. ``bool`` and NaN are rejected."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+    return value
+
+
+def check_mode(mode: Any, name: str = "mode") -> str:
+    """Return ``mode`` if it is one of :data:`MODES`, else raise ``ValueError`` listing them."""
+    if mode not in MODES:
+        raise ValueError(f"`{name}` must be one of {list(MODES)}, got {mode!r}.")
+    return mode
+
+
+def check_target_spec(name: str, value: Any) -> Optional[tuple[str, ...]]:
+    """Normalise a ``target_modules``/``exclude_modules`` value to a tuple of patterns (or None).
+
+    Accepts ``None``, one string, or a non-empty list/tuple/set of non-empty strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: tuple = (value,)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    else:
+        raise ValueError(
+            f"`{name}` must be None, a string (name, suffix or regex) or a list of strings, "
+            f"got {type(value).__name__}."
+        )
+    if not items or any(not isinstance(p, str) or not p for p in items):
+        raise ValueError(f"`{name}` must contain non-empty strings only, got {value!r}.")
+    return items
+
+
+@dataclass
+class TargetedDropoutConfig:
+    """Targeted dropout settings (Gomez et al., 2019, arXiv:1905.13678).
+
+    At every training forward pass of a targeted layer, the ``gamma`` fraction of lowest-magnitude
+    elements is selected and each selected element is dropped (zeroed) with probability ``alpha``.
+    The expected fraction of weights kept is ``1 - gamma * alpha``.
+
+    Args:
+        alpha: drop probability of a targeted element, in [0, 1].
+        gamma: targeted fraction, in [0, 1]. Weight mode targets ``floor(gamma * fan_in)`` entries of
+            each output unit's weight vector w_o; unit mode targets ``floor(gamma * n_out)`` units.
+        mode: ``"weight"`` or ``"unit"``.
+        target_modules: which layers to patch. ``None`` = every supported layer (``nn.Linear``,
+            transformers' ``Conv1D``, ``nn.Conv1d/2d/3d``) except output heads and layers tied to
+            embeddings. A string or list of strings; each pattern matches a module's full name
+            exactly, as a dotted suffix (``"query"`` matches ``encoder.layer.0.attention.self.query``),
+            or as a regex (``re.fullmatch``).
+        exclude_modules: patterns (same rules) of layers never to patch.
+        rescale: if True, scale kept weights by ``1 / (1 - gamma * alpha)`` during training (the
+            reference implementation does not rescale; off by default).
+        drop_targeted_at_eval: if True, the targeted set is removed (zeroed) in eval mode, as in the
+            reference code's evaluation. Default False: in ``eval()`` a patched layer computes exactly
+            what the unpatched layer computes.
+    """
+
+    alpha: float
+    gamma: float
+    mode: str = "weight"
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    rescale: bool = False
+    drop_targeted_at_eval: bool = False
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata kept with the config (e.g. the schedule used); written to JSON as is."""
+
+    def __post_init__(self) -> None:
+        self.alpha = check_fraction("alpha", self.alpha)
+        self.gamma = check_fraction("gamma", self.gamma)
+        check_mode(self.mode)
+        for spec in ("target_modules", "exclude_modules"):
+            patterns = check_target_spec(spec, getattr(self, spec))
+            if patterns is not None and not isinstance(getattr(self, spec), str):
+                setattr(self, spec, list(patterns))  # JSON-friendly
+        for flag in ("rescale", "drop_targeted_at_eval"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"`extra` must be a dict, got {type(self.extra).__name__}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TargetedDropoutConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown TargetedDropoutConfig fields {unknown}; allowed: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

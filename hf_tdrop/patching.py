@@ -1,0 +1,150 @@
+"""Patch any ``torch.nn.Module`` so its targeted layers train with targeted dropout.
+
+``patch_model`` swaps each selected layer's class in place (see :mod:`hf_tdrop.layers`): the
+``state_dict`` keys and tensors do not change, so ``save_pretrained`` of a patched model writes a
+plain checkpoint, and ``unpatch_model`` restores the original modules exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .config import TargetedDropoutConfig, check_fraction
+from .layers import STATE_ATTR, TargetingState, is_patched_layer, patch_layer, unpatch_layer
+from .targets import select_layers
+
+CONFIG_ATTR = "tdrop_config"
+"""Attribute under which ``patch_model`` keeps its :class:`TargetedDropoutConfig` on the model."""
+
+
+def patch_model(
+    model: nn.Module,
+    alpha: Optional[float] = None,
+    gamma: Optional[float] = None,
+    *,
+    mode: str = "weight",
+    target_modules=None,
+    exclude_modules=None,
+    config: Optional[TargetedDropoutConfig] = None,
+) -> nn.Module:
+    """Inject targeted dropout into ``model``'s layers, in place; returns ``model``.
+
+    Either pass ``alpha`` and ``gamma`` (and optionally ``mode``, ``target_modules``,
+    ``exclude_modules``), or a ready ``config`` alone. Every argument is validated and the layers
+    are selected before anything changes: on any error the model is left exactly as it was.
+
+    Raises:
+        ValueError: invalid α/γ/mode/patterns, both ``config`` and keyword settings given, no layer
+            matched (the message lists candidate names), or a selected layer is already patched
+            (use :func:`set_targeting` to change α/γ, or :func:`unpatch_model` first).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if config is not None:
+        if not isinstance(config, TargetedDropoutConfig):
+            raise ValueError(f"`config` must be a TargetedDropoutConfig, got {type(config).__name__}.")
+        given = {k: v for k, v in dict(alpha=alpha, gamma=gamma, target_modules=target_modules,
+                                       exclude_modules=exclude_modules).items() if v is not None}
+        if given or mode != "weight":
+            raise ValueError(
+                f"Pass either `config` or keyword settings, not both (got config and {sorted(given) or ['mode']})."
+            )
+    else:
+        if alpha is None or gamma is None:
+            missing = [n for n, v in (("alpha", alpha), ("gamma", gamma)) if v is None]
+            raise ValueError(f"patch_model needs `alpha` and `gamma` (or `config`); missing: {missing}.")
+        config = TargetedDropoutConfig(alpha=alpha, gamma=gamma, mode=mode,
+                                       target_modules=target_modules, exclude_modules=exclude_modules)
+    selected = select_layers(model, config.target_modules, config.exclude_modules)
+    already = [name or "<model itself>" for name, m in selected if is_patched_layer(m)]
+    if already:
+        raise ValueError(
+            f"{len(already)} selected layer(s) are already patched (e.g. {already[:3]}). "
+            "Use set_targeting(model, alpha=..., gamma=...) to change α/γ, or unpatch_model(model) first."
+        )
+    for _, module in selected:
+        patch_layer(module, TargetingState(
+            mode=config.mode, alpha=config.alpha, gamma=config.gamma, layout="",
+            rescale=config.rescale, drop_targeted_at_eval=config.drop_targeted_at_eval,
+        ))
+    setattr(model, CONFIG_ATTR, config)  # the latest call's settings, e.g. for export metadata
+    return model
+
+
+def _patched(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if is_patched_layer(m)]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True if at least one layer of ``model`` is patched."""
+    return bool(_patched(model))
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Restore every patched layer's original class; the model then computes bit for bit what it
+    computed before patching (its parameters were never replaced). Returns ``model``.
+    Raises ``ValueError`` if nothing is patched."""
+    patched = _patched(model)
+    if not patched:
+        raise ValueError("unpatch_model: the model has no patched layer.")
+    for _, module in patched:
+        unpatch_layer(module)
+    if CONFIG_ATTR in model.__dict__:
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def targeted_layers(model: nn.Module) -> dict[str, dict]:
+    """Every patched layer: ``{name: {"type", "mode", "alpha", "gamma"}}`` in model order
+    (``type`` is the original class name, e.g. ``"Linear"``, ``"Conv1D"``)."""
+    return {
+        name: {"type": getattr(m, STATE_ATTR).original_class.__name__, **getattr(m, STATE_ATTR).as_dict()}
+        for name, m in _patched(model)
+    }
+
+
+def _require_patched(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
+    patched = _patched(model)
+    if not patched:
+        raise ValueError(f"{caller}: the model has no patched layer; call patch_model first.")
+    return patched
+
+
+def set_targeting(model: nn.Module, alpha: Optional[float] = None, gamma: Optional[float] = None) -> None:
+    """Set α and/or γ of every patched layer (e.g. from a schedule at each step). Values are
+    validated before any layer changes. Cheap: it only updates Python floats; under
+    ``torch.compile`` it triggers no recompilation."""
+    patched = _require_patched(model, "set_targeting")
+    if alpha is None and gamma is None:
+        raise ValueError("set_targeting needs `alpha` and/or `gamma`.")
+    alpha = None if alpha is None else check_fraction("alpha", alpha)
+    gamma = None if gamma is None else check_fraction("gamma", gamma)
+    for _, module in patched:
+        state: TargetingState = getattr(module, STATE_ATTR)
+        if alpha is not None:
+            state.alpha = alpha
+        if gamma is not None:
+            state.gamma = gamma
+
+
+def get_targeting(model: nn.Module, per_layer: bool = False) -> dict:
+    """Current targeting of the patched layers.
+
+    Returns ``{"alpha": a, "gamma": g, "mode": m}`` when every patched layer agrees. With
+    ``per_layer=True``, returns :func:`targeted_layers` instead. Raises ``ValueError`` if nothing is
+    patched, or if the layers disagree and ``per_layer`` is False (the message says which differ).
+    """
+    _require_patched(model, "get_targeting")
+    layers = targeted_layers(model)
+    if per_layer:
+        return layers
+    distinct = {(v["alpha"], v["gamma"], v["mode"]) for v in layers.values()}
+    if len(distinct) > 1:
+        raise ValueError(
+            f"Patched layers disagree on (alpha, gamma, mode): {sorted(distinct)[:4]}; "
+            "call get_targeting(model, per_layer=True) for the per-layer mapping."
+        )
+    alpha, gamma, mode = distinct.pop()
+    return {"alpha": alpha, "gamma": gamma, "mode": mode}
