@@ -6,7 +6,7 @@ tensors), its ``state_dict`` keys and tensors are unchanged, and the classes are
 time, so patched models pickle and deep-copy. ``unpatch`` swaps the original class back.
 
 The per-layer settings live in one :class:`TargetingState` attribute. Mask selection and sampling
-run inside :func:`masked_parameters`, which ``torch.compile`` does not trace
+run inside :func:`sample_drop_mask`, which ``torch.compile`` does not trace
 (``torch.compiler.disable``): α and γ can change at every step without recompiling the model.
 """
 
@@ -42,38 +42,59 @@ class TargetingState:
 
 
 @torch.compiler.disable
-def masked_parameters(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Weight and bias of a patched ``module`` for one forward pass.
+def sample_drop_mask(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Which elements of a patched ``module`` to drop in this forward pass.
 
     Args:
         module: a patched layer.
-        sample: True in training: drop each targeted element with probability α (fresh draw from
-            torch's RNG). False: remove the whole targeted set (the reference code's evaluation).
+        sample: True in training: drop each targeted element with probability α (a fresh draw from
+            torch's RNG). False: drop the whole targeted set (the reference code's evaluation).
 
-    Returns ``(weight, bias)`` in the module's own shapes. Dropped entries are exact zeros and get
-    zero gradient; kept entries are the module's parameters (times ``1/(1-γα)`` with ``rescale``).
-    When nothing can be dropped (γ·n < 1, or α = 0 while sampling) the parameters themselves are
-    returned.
+    Returns:
+        ``(drop, scale)``: ``drop`` is bool, True = zero it; in weight mode it has the weight's
+        shape, in unit mode it is ``[n_out]``. ``scale`` is a 0-d tensor ``1 / (1 - γα)`` when the
+        layer rescales while sampling, else None.
+
+    ``torch.compile`` does not trace this function (selection needs a data-independent ``k``, and α/γ
+    change during a schedule): the compiled graph only sees the returned tensors, whose kind never
+    changes, so moving α or γ never triggers a recompilation.
     """
     state: TargetingState = getattr(module, STATE_ATTR)
-    weight, bias = module.weight, module.bias
+    weight = module.weight
     alpha = state.alpha if sample else 1.0
     w2d = masking.unit_matrix(weight, state.layout)
-    n_targetable = w2d.shape[1] if state.mode == "weight" else w2d.shape[0]
-    if alpha <= 0.0 or masking.fraction_count(state.gamma, n_targetable) == 0:
-        return weight, bias
     if state.mode == "weight":
-        drop2d = masking.sample_drop(masking.targeted_weights(w2d, state.gamma), alpha)
-        weight = weight.masked_fill(masking.to_weight_layout(drop2d, weight, state.layout), 0.0)
+        targeted = masking.targeted_weights(w2d, state.gamma)
+        drop = masking.to_weight_layout(masking.sample_drop(targeted, alpha), weight, state.layout)
     else:
-        drop_units = masking.sample_drop(masking.targeted_units(w2d, state.gamma), alpha)
-        shape = [1] * weight.dim()
-        shape[1 if state.layout == masking.LAYOUT_IN_OUT else 0] = -1
-        weight = weight.masked_fill(drop_units.view(shape), 0.0)
-        if bias is not None:
-            bias = bias.masked_fill(drop_units, 0.0)
+        drop = masking.sample_drop(masking.targeted_units(w2d, state.gamma), alpha)
+    scale = None
     if sample and state.rescale:
-        weight = weight / (1.0 - state.gamma * alpha) if state.gamma * alpha < 1.0 else weight
+        kept = 1.0 - state.gamma * alpha
+        scale = torch.tensor(1.0 / kept if kept > 0.0 else 1.0, dtype=weight.dtype, device=weight.device)
+    return drop, scale
+
+
+def masked_parameters(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weight and bias of a patched ``module`` for one forward pass, in the module's own shapes.
+
+    Dropped entries are exact zeros and get zero gradient (``masked_fill`` saves only the bool
+    mask for backward); kept entries are the parameters (times ``1/(1-γα)`` with ``rescale``).
+    In unit mode a dropped unit loses its whole w_o and its bias.
+    """
+    state: TargetingState = getattr(module, STATE_ATTR)
+    drop, scale = sample_drop_mask(module, sample)
+    bias = module.bias
+    if state.mode == "weight":
+        weight = module.weight.masked_fill(drop, 0.0)
+    else:
+        shape = [1] * module.weight.dim()
+        shape[1 if state.layout == masking.LAYOUT_IN_OUT else 0] = -1
+        weight = module.weight.masked_fill(drop.view(shape), 0.0)
+        if bias is not None:
+            bias = bias.masked_fill(drop, 0.0)
+    if scale is not None:
+        weight = weight * scale
     return weight, bias
 
 

@@ -1,0 +1,125 @@
+"""The masking maths (hf_tdrop.masking): exact selection counts, ties, sampling, layouts."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_tdrop import masking
+
+
+def test_fraction_count_is_floor_and_robust_to_float_rounding():
+    assert masking.fraction_count(0.29, 100) == 29  # 0.29 * 100 == 28.999999999999996
+    assert masking.fraction_count(0.75, 10) == 7
+    assert masking.fraction_count(0.0, 10) == 0
+    assert masking.fraction_count(1.0, 10) == 10
+    assert masking.fraction_count(0.5, 1) == 0
+
+
+def test_lowest_k_selects_exactly_k_smallest_per_row():
+    scores = torch.tensor([[5.0, 1.0, 3.0, 2.0, 4.0], [0.1, 0.5, 0.3, 0.2, 0.4]])
+    mask = masking.lowest_k(scores, 2)
+    assert mask.tolist() == [[False, True, False, True, False], [True, False, False, True, False]]
+
+
+def test_lowest_k_breaks_ties_by_lowest_index():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]])
+    mask = masking.lowest_k(scores, 2)
+    assert mask.tolist() == [[True, True, False, False], [False, True, True, False]]
+
+
+def test_lowest_k_ranks_low_precision_weights_exactly():
+    w = torch.tensor([[1.0, 1.0009765625, 1.001953125, 3.0]], dtype=torch.bfloat16)  # ties in bf16
+    mask = masking.lowest_k(w, 2)
+    assert int(mask.sum()) == 2
+
+
+def test_weight_and_unit_targeting_pick_smallest_magnitudes():
+    w = torch.tensor([[0.1, -3.0, 0.2, -0.05], [4.0, 4.0, 4.0, 4.0], [0.01, 0.01, 0.01, 0.01]])
+    targeted = masking.targeted_weights(w, 0.5)
+    assert targeted[0].tolist() == [True, False, False, True]
+    assert targeted.sum(dim=1).tolist() == [2, 2, 2]
+    units = masking.targeted_units(w, 0.34)  # floor(0.34 * 3) = 1
+    assert units.tolist() == [False, False, True]
+
+
+def test_sample_drop_extremes_and_rate():
+    targeted = torch.zeros(200, 500, dtype=torch.bool)
+    targeted[:, :300] = True
+    assert not masking.sample_drop(targeted, 0.0).any()
+    assert torch.equal(masking.sample_drop(targeted, 1.0), targeted)
+    drop = masking.sample_drop(targeted, 0.3)
+    assert not (drop & ~targeted).any()
+    rate = drop.sum().item() / targeted.sum().item()
+    # 60,000 Bernoulli(0.3) draws: standard error 0.0019; 6 sigma bound never flakes
+    assert abs(rate - 0.3) < 6 * math.sqrt(0.3 * 0.7 / 60000)
+
+
+def test_sample_drop_is_reproducible_under_manual_seed():
+    targeted = torch.ones(32, 64, dtype=torch.bool)
+    torch.manual_seed(123)
+    a = masking.sample_drop(targeted, 0.5)
+    torch.manual_seed(123)
+    b = masking.sample_drop(targeted, 0.5)
+    assert torch.equal(a, b)
+
+
+def test_unit_matrix_layouts_round_trip():
+    conv = torch.randn(6, 3, 2, 2)
+    w2d = masking.unit_matrix(conv, masking.LAYOUT_OUT_IN)
+    assert w2d.shape == (6, 12)
+    assert torch.equal(w2d[4], conv[4].flatten())
+    gpt2 = torch.randn(5, 7)  # Conv1D: [in, out]
+    w2d = masking.unit_matrix(gpt2, masking.LAYOUT_IN_OUT)
+    assert w2d.shape == (7, 5) and torch.equal(w2d[2], gpt2[:, 2])
+    mask2d = masking.targeted_weights(w2d, 0.4)
+    back = masking.to_weight_layout(mask2d, gpt2, masking.LAYOUT_IN_OUT)
+    assert back.shape == gpt2.shape and torch.equal(back[:, 2], mask2d[2])
+    with pytest.raises(ValueError, match="layout"):
+        masking.unit_matrix(gpt2, "sideways")
+
+
+def test_random_pruning_masks_have_exact_counts():
+    w = torch.randn(8, 20)
+    g = torch.Generator().manual_seed(0)
+    assert masking.random_weight_prune_mask(w, 0.5, g).sum(dim=1).tolist() == [10] * 8
+    assert int(masking.random_unit_prune_mask(w, 0.5, g).sum()) == 4
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_out=st.integers(1, 9),
+    fan_in=st.integers(1, 17),
+    gamma=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+    alpha=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+    dtype=st.sampled_from(DTYPES),
+    n_distinct=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_mask_properties(n_out, fan_in, gamma, alpha, dtype, n_distinct, seed):
+    g = torch.Generator().manual_seed(seed)
+    # few distinct magnitudes -> many ties
+    w = (torch.randint(-n_distinct, n_distinct + 1, (n_out, fan_in), generator=g).to(dtype) / 3)
+    targeted = masking.targeted_weights(w, gamma)
+    k = math.floor(gamma * fan_in + 1e-9)
+    assert targeted.sum(dim=1).tolist() == [k] * n_out
+    # every targeted entry is no larger in magnitude than every untargeted one of its row
+    mags = w.abs().float()
+    for o in range(n_out):
+        if 0 < k < fan_in:
+            assert mags[o][targeted[o]].max() <= mags[o][~targeted[o]].min()
+    drop = masking.sample_drop(targeted, alpha, generator=g)
+    assert not (drop & ~targeted).any()
+    if alpha == 0.0:
+        assert not drop.any()
+    if alpha == 1.0:
+        assert torch.equal(drop, targeted)
+    units = masking.targeted_units(w, gamma)
+    assert int(units.sum()) == math.floor(gamma * n_out + 1e-9)
+    masked = w.masked_fill(drop, 0)
+    assert not torch.isnan(masked).any()
