@@ -77,6 +77,12 @@ class TargetedDropoutConfig:
         drop_targeted_at_eval: if True, the targeted set is removed (zeroed) in eval mode, as in the
             reference code's evaluation. Default False: in ``eval()`` a patched layer computes exactly
             what the unpatched layer computes.
+        refresh_every: recompute the targeted set (the per-unit magnitude ranking) only after the
+            layer's weight has been updated in place this many times (one update per optimizer
+            step with torch's optimizers); the Bernoulli(α) draw is still fresh at every forward.
+            1 (default) re-targets at every step, exactly as the paper; larger values trade
+            exactness for speed, like the paper's Algorithm 1 which re-targets every few epochs.
+            A change of γ always re-targets.
     """
 
     alpha: float
@@ -86,6 +92,7 @@ class TargetedDropoutConfig:
     exclude_modules: TargetSpec = None
     rescale: bool = False
     drop_targeted_at_eval: bool = False
+    refresh_every: int = 1
     extra: dict = field(default_factory=dict)
     """Free-form metadata kept with the config (e.g. the schedule used); written to JSON as is."""
 
@@ -100,6 +107,8 @@ class TargetedDropoutConfig:
         for flag in ("rescale", "drop_targeted_at_eval"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ValueError(f"`refresh_every` must be an integer >= 1, got {self.refresh_every!r}.")
         if not isinstance(self.extra, dict):
             raise ValueError(f"`extra` must be a dict, got {type(self.extra).__name__}.")
 

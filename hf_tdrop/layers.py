@@ -12,7 +12,7 @@ run inside :func:`sample_drop_mask`, which ``torch.compile`` does not trace
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -35,10 +35,35 @@ class TargetingState:
     layout: str
     rescale: bool = False
     drop_targeted_at_eval: bool = False
+    refresh_every: int = 1
     original_class: Optional[type] = None
+    # cache of the targeted set when refresh_every > 1: (weight._version, gamma, bool mask)
+    cached_targeting: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "alpha": self.alpha, "gamma": self.gamma}
+
+
+def targeted_set(module: nn.Module) -> torch.Tensor:
+    """The current targeted set of a patched layer, on the ``[n_out, fan_in]`` view (weight mode)
+    or ``[n_out]`` (unit mode). With ``refresh_every > 1`` it is reused until the weight has been
+    updated in place ``refresh_every`` times (``Tensor._version``) or γ changed; the version only
+    moves on optimizer steps, so a gradient-checkpointing recomputation sees the same set."""
+    state: TargetingState = getattr(module, STATE_ATTR)
+    weight = module.weight
+    version = weight._version
+    if state.refresh_every > 1 and state.cached_targeting is not None:
+        cached_version, cached_gamma, cached = state.cached_targeting
+        if cached_gamma == state.gamma and 0 <= version - cached_version < state.refresh_every:
+            return cached
+    w2d = masking.unit_matrix(weight, state.layout)
+    if state.mode == "weight":
+        targeted = masking.targeted_weights(w2d, state.gamma)
+    else:
+        targeted = masking.targeted_units(w2d, state.gamma)
+    if state.refresh_every > 1:
+        state.cached_targeting = (version, state.gamma, targeted)
+    return targeted
 
 
 @torch.compiler.disable
@@ -62,12 +87,9 @@ def sample_drop_mask(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Opt
     state: TargetingState = getattr(module, STATE_ATTR)
     weight = module.weight
     alpha = state.alpha if sample else 1.0
-    w2d = masking.unit_matrix(weight, state.layout)
+    drop = masking.sample_drop(targeted_set(module), alpha)
     if state.mode == "weight":
-        targeted = masking.targeted_weights(w2d, state.gamma)
-        drop = masking.to_weight_layout(masking.sample_drop(targeted, alpha), weight, state.layout)
-    else:
-        drop = masking.sample_drop(masking.targeted_units(w2d, state.gamma), alpha)
+        drop = masking.to_weight_layout(drop, weight, state.layout)
     scale = None
     if sample and state.rescale:
         kept = 1.0 - state.gamma * alpha
@@ -75,68 +97,96 @@ def sample_drop_mask(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Opt
     return drop, scale
 
 
-def masked_parameters(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Weight and bias of a patched ``module`` for one forward pass, in the module's own shapes.
+class MaskedLinearFunction(torch.autograd.Function):
+    """``F.linear(input, weight.masked_fill(drop, 0), bias)`` that keeps only the compact bool
+    mask for backward (not a masked copy of the weight): the masked weight is rebuilt in backward.
 
-    Dropped entries are exact zeros and get zero gradient (``masked_fill`` saves only the bool
-    mask for backward); kept entries are the parameters (times ``1/(1-γα)`` with ``rescale``).
-    In unit mode a dropped unit loses its whole w_o and its bias.
+    Shapes: ``input [..., in]``, ``weight [out, in]`` (may be a transposed view), ``drop`` bool like
+    ``weight``, ``bias [out]`` or None. Dropped weights get exactly zero gradient. Under autocast the
+    forward runs in the autocast dtype and the backward in the gradient's dtype.
     """
-    state: TargetingState = getattr(module, STATE_ATTR)
-    drop, scale = sample_drop_mask(module, sample)
-    bias = module.bias
-    if state.mode == "weight":
-        weight = module.weight.masked_fill(drop, 0.0)
-    else:
-        shape = [1] * module.weight.dim()
-        shape[1 if state.layout == masking.LAYOUT_IN_OUT else 0] = -1
-        weight = module.weight.masked_fill(drop.view(shape), 0.0)
-        if bias is not None:
-            bias = bias.masked_fill(drop, 0.0)
-    if scale is not None:
-        weight = weight * scale
-    return weight, bias
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, drop):
+        ctx.save_for_backward(input, weight, drop)
+        ctx.has_bias = bias is not None
+        return F.linear(input, weight.masked_fill(drop, 0.0), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, drop = ctx.saved_tensors
+        dtype = grad_out.dtype
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (grad_out @ weight.masked_fill(drop, 0.0).to(dtype)).to(input.dtype)
+        if ctx.needs_input_grad[1]:
+            g2d = grad_out.reshape(-1, grad_out.shape[-1])
+            x2d = input.reshape(-1, input.shape[-1]).to(dtype)
+            grad_weight = (g2d.t() @ x2d).to(weight.dtype).masked_fill_(drop, 0.0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_input, grad_weight, grad_bias, None
 
 
 class TargetedDropoutMixin:
-    """Forward of a patched layer: the original computation with the masked weight and bias.
+    """Forward of a patched layer.
 
-    In ``eval()`` (and unless ``drop_targeted_at_eval``) it calls the original forward unchanged.
+    - ``eval()`` (unless ``drop_targeted_at_eval``): the original forward, unchanged.
+    - Unit mode: the original forward, then the dropped output units are zeroed (equivalent to
+      zeroing their w_o and bias; only an ``[n_out]`` mask is kept for backward).
+    - Weight mode: the layer's computation with the masked weight (:meth:`_weight_masked_forward`).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's own name
         state: TargetingState = getattr(self, STATE_ATTR)
         if not self.training and not state.drop_targeted_at_eval:
             return super().forward(input)
-        weight, bias = masked_parameters(self, sample=self.training)
-        return self._forward_with(input, weight, bias)
+        drop, scale = sample_drop_mask(self, sample=self.training)
+        if state.mode == "unit":
+            out = super().forward(input)
+            out = out.masked_fill(drop.view(self._unit_shape(out)), 0.0)
+        else:
+            out = self._weight_masked_forward(input, drop, scale)
+            scale = None  # applied to the weight already
+        return out if scale is None else out * scale
+
+    def _unit_shape(self, out: torch.Tensor) -> list[int]:
+        return [-1]  # output units on the last dimension (Linear, Conv1D)
 
 
 class TargetedDropoutLinear(TargetedDropoutMixin, nn.Linear):
-    def _forward_with(self, input, weight, bias):
-        return F.linear(input, weight, bias)
+    def _weight_masked_forward(self, input, drop, scale):
+        weight = self.weight if scale is None else self.weight * scale
+        return MaskedLinearFunction.apply(input, weight, self.bias, drop)
 
 
 class TargetedDropoutConv1D(TargetedDropoutMixin, Conv1D):
-    def _forward_with(self, input, weight, bias):
-        size_out = input.size()[:-1] + (self.nf,)
-        out = torch.addmm(bias, input.view(-1, input.size(-1)), weight)
-        return out.view(size_out)
+    def _weight_masked_forward(self, input, drop, scale):
+        weight = self.weight if scale is None else self.weight * scale
+        return MaskedLinearFunction.apply(input, weight.t(), self.bias, drop.t())
 
 
-class TargetedDropoutConv1d(TargetedDropoutMixin, nn.Conv1d):
-    def _forward_with(self, input, weight, bias):
-        return self._conv_forward(input, weight, bias)
+class _TargetedDropoutConvNd(TargetedDropoutMixin):
+    def _weight_masked_forward(self, input, drop, scale):
+        weight = self.weight.masked_fill(drop, 0.0)
+        if scale is not None:
+            weight = weight * scale
+        return self._conv_forward(input, weight, self.bias)
+
+    def _unit_shape(self, out):
+        return [1, -1] + [1] * (out.dim() - 2)  # channels on dim 1
 
 
-class TargetedDropoutConv2d(TargetedDropoutMixin, nn.Conv2d):
-    def _forward_with(self, input, weight, bias):
-        return self._conv_forward(input, weight, bias)
+class TargetedDropoutConv1d(_TargetedDropoutConvNd, nn.Conv1d):
+    pass
 
 
-class TargetedDropoutConv3d(TargetedDropoutMixin, nn.Conv3d):
-    def _forward_with(self, input, weight, bias):
-        return self._conv_forward(input, weight, bias)
+class TargetedDropoutConv2d(_TargetedDropoutConvNd, nn.Conv2d):
+    pass
+
+
+class TargetedDropoutConv3d(_TargetedDropoutConvNd, nn.Conv3d):
+    pass
 
 
 SUPPORTED_LAYERS: dict[type, tuple[type, str]] = {

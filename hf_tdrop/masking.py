@@ -67,10 +67,15 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         s = s.float()
     s = torch.nan_to_num(s, nan=math.inf)
     threshold = s.kthvalue(k, dim=-1, keepdim=True).values
-    below = s < threshold
-    at = s == threshold
-    needed = k - below.sum(dim=-1, keepdim=True)
-    return below | (at & (at.cumsum(dim=-1) <= needed))
+    selected = s <= threshold
+    # Fast path: with continuous weights exactly k entries are <= the k-th smallest. Only when some
+    # row ties at its threshold do we pay for the cumulative count that keeps the lowest indices.
+    if bool((selected.sum(dim=-1) > k).any()):
+        at = s == threshold
+        below = selected & ~at
+        needed = k - below.sum(dim=-1, keepdim=True)
+        selected = below | (at & (at.cumsum(dim=-1) <= needed))
+    return selected
 
 
 def unit_norms(w2d: torch.Tensor) -> torch.Tensor:

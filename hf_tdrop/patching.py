@@ -68,6 +68,7 @@ def patch_model(
         patch_layer(module, TargetingState(
             mode=config.mode, alpha=config.alpha, gamma=config.gamma, layout="",
             rescale=config.rescale, drop_targeted_at_eval=config.drop_targeted_at_eval,
+            refresh_every=config.refresh_every,
         ))
     setattr(model, CONFIG_ATTR, config)  # the latest call's settings, e.g. for export metadata
     return model

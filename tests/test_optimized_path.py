@@ -1,0 +1,149 @@
+"""The optimised masking path against straightforward reference implementations (issue 7)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_tdrop import TargetedDropoutConfig, patch_model
+from hf_tdrop.layers import MaskedLinearFunction, targeted_set
+
+
+def reference_targeted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Stable full sort: the k smallest per row, ties to the lowest index."""
+    order = torch.argsort(scores.float(), dim=-1, stable=True)
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :k], True)
+    return mask
+
+
+def reference_drop(w2d: torch.Tensor, gamma: float, alpha: float, mode: str) -> torch.Tensor:
+    """The paper's procedure written plainly: rank, target, then Bernoulli(α) on a full-size draw."""
+    if mode == "weight":
+        k = math.floor(gamma * w2d.shape[1] + 1e-9)
+        targeted = reference_targeted(w2d.abs(), k)
+    else:
+        k = math.floor(gamma * w2d.shape[0] + 1e-9)
+        targeted = reference_targeted(w2d.float().norm(dim=1), k)
+    if alpha <= 0:
+        return torch.zeros_like(targeted)
+    if alpha >= 1:
+        return targeted
+    return targeted & (torch.rand(targeted.shape) < alpha)
+
+
+@pytest.mark.parametrize("mode", ["weight", "unit"])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("gamma,alpha", [(0.75, 0.66), (0.9, 0.75), (0.5, 1.0), (0.3, 0.0)])
+def test_patched_layer_masks_equal_reference_from_same_rng_state(mode, ties, gamma, alpha):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40, bias=False)
+    if ties:
+        with torch.no_grad():
+            layer.weight.copy_(torch.randint(-3, 4, layer.weight.shape) / 4)
+    w = layer.weight.detach().clone()
+    patch_model(layer, alpha=alpha, gamma=gamma, mode=mode)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            w_eff = layer(torch.eye(48)).t()
+        torch.manual_seed(seed)
+        expected = reference_drop(w, gamma, alpha, mode)
+        if mode == "unit":
+            expected = expected[:, None].expand_as(w)
+        assert torch.equal(w_eff == 0, expected | (w == 0))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_masked_linear_function_matches_autograd(autocast, transposed):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    weight = torch.randn(16, 12, requires_grad=True) if transposed else torch.randn(12, 16, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    drop = torch.rand(weight.shape) < 0.5
+    w_view = weight.t() if transposed else weight
+    d_view = drop.t() if transposed else drop
+    g = torch.randn(3, 5, 12)
+
+    def run(fn):
+        for t in (x, weight, bias):
+            t.grad = None
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            out = fn()
+        out.backward(g.to(out.dtype))
+        return out.detach(), x.grad.clone(), weight.grad.clone(), bias.grad.clone()
+
+    ours = run(lambda: MaskedLinearFunction.apply(x, w_view, bias, d_view))
+    plain = run(lambda: F.linear(x, w_view.masked_fill(d_view, 0.0), bias))
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    assert (weight.grad[drop] == 0).all()
+
+
+def test_conv1d_weight_mode_gradients_match_plain_masking():
+    torch.manual_seed(0)
+    layer = Conv1D(nf=10, nx=6)
+    patch_model(layer, alpha=0.5, gamma=0.5)
+    x = torch.randn(4, 6)
+    torch.manual_seed(9)
+    layer(x).square().sum().backward()
+    grad = layer.weight.grad.clone()
+    torch.manual_seed(9)
+    from hf_tdrop.layers import sample_drop_mask
+
+    drop, _ = sample_drop_mask(layer, sample=True)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    torch.addmm(layer.bias.detach(), x, w.masked_fill(drop, 0.0)).square().sum().backward()
+    torch.testing.assert_close(grad, w.grad)
+
+
+def test_refresh_every_reuses_targeted_set_until_k_updates_or_gamma_change():
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 8)
+    patch_model(layer, config=TargetedDropoutConfig(alpha=0.5, gamma=0.5, refresh_every=3))
+    opt = torch.optim.SGD(layer.parameters(), lr=10.0)  # big steps: the ranking changes
+    first = targeted_set(layer)
+    assert first is targeted_set(layer)  # no update yet: cached
+    sets = [first]
+    for _ in range(3):
+        layer(torch.randn(4, 20)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sets.append(targeted_set(layer))
+    assert sets[1] is first and sets[2] is first  # 1 and 2 updates: reused
+    assert sets[3] is not first  # 3 updates: re-targeted from the current weights
+    from hf_tdrop import masking
+
+    assert torch.equal(sets[3], masking.targeted_weights(layer.weight, 0.5))
+    layer.tdrop_state.gamma = 0.25
+    assert targeted_set(layer).sum(dim=1).tolist() == [5] * 8  # γ change re-targets at once
+
+
+def test_refresh_every_validation():
+    with pytest.raises(ValueError, match="`refresh_every` must be an integer >= 1"):
+        TargetedDropoutConfig(alpha=0.5, gamma=0.5, refresh_every=0)
+
+
+@pytest.mark.parametrize("mode", ["weight", "unit"])
+def test_backward_keeps_no_weight_sized_float_copy(mode):
+    """Weight mode keeps the parameter itself plus a bool mask; unit mode an [n_out] mask only."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128)
+    patch_model(layer, alpha=0.5, gamma=0.5, mode=mode)
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    weight_ptr = layer.weight.untyped_storage().data_ptr()
+    extra = [t for t in saved if t.untyped_storage().data_ptr() != weight_ptr and t.numel() >= layer.weight.numel()]
+    if mode == "weight":
+        assert [t.dtype for t in extra] == [torch.bool]
+    else:
+        assert extra == []
+        assert any(t.dtype == torch.bool and t.numel() == 128 for t in saved)
