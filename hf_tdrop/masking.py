@@ -6,7 +6,8 @@ supported layouts. Nothing here touches modules, and nothing draws random number
 :func:`sample_drop`, which uses torch's global RNG (reproducible under ``torch.manual_seed``) unless
 a ``generator`` is given.
 
-Selection is O(n) per row (``kthvalue`` plus a cumulative count to break ties), never a full sort,
+Selection is a partial selection per row (``topk`` of the smaller side, plus a cumulative count only
+when ties need breaking), never a full sort,
 and ranks in float32 whatever the weight's dtype, so exactly ``k`` elements are selected even when
 low-precision weights tie.
 """
@@ -50,12 +51,19 @@ def to_weight_layout(mask2d: torch.Tensor, weight: torch.Tensor, layout: str) ->
     return mask2d.reshape(weight.shape)
 
 
+def _row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row of a bool mask; summing the bytes into a small int is several times
+    cheaper than ``mask.sum(-1)`` (which widens to int64)."""
+    dtype = torch.int16 if mask.shape[-1] < 2**15 else torch.int32
+    return mask.view(torch.uint8).sum(dim=-1, dtype=dtype)
+
+
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest entries of each row of ``scores`` (``[..., n]``).
 
     Exactly ``min(k, n)`` entries per row are True. Ties at the threshold are broken by position
     (lowest index first), so the result is deterministic. Ranking is done in float32 (float64 stays
-    float64). NaN scores rank above every number.
+    float64). Scores must be NaN-free (a NaN weight means training has already diverged).
     """
     n = scores.shape[-1]
     if k <= 0 or n == 0:
@@ -65,12 +73,20 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     s = scores.detach()
     if s.dtype != torch.float64:
         s = s.float()
-    s = torch.nan_to_num(s, nan=math.inf)
-    threshold = s.kthvalue(k, dim=-1, keepdim=True).values
-    selected = s <= threshold
-    # Fast path: with continuous weights exactly k entries are <= the k-th smallest. Only when some
+    if k <= n // 2:
+        # threshold = the k-th smallest; everything <= it is selected, too many only on ties
+        threshold = s.topk(k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+        selected = s <= threshold
+        excess = bool((_row_counts(selected) > k).any())
+    else:
+        # cheaper to find the (n - k) largest: threshold = the (k+1)-th smallest; everything strictly
+        # below it is selected, too few only on ties
+        threshold = s.topk(n - k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        selected = s < threshold
+        excess = bool((_row_counts(selected) < k).any())
+    # Fast path: with continuous weights the comparison alone selects exactly k per row. Only when a
     # row ties at its threshold do we pay for the cumulative count that keeps the lowest indices.
-    if bool((selected.sum(dim=-1) > k).any()):
+    if excess:
         at = s == threshold
         below = selected & ~at
         needed = k - below.sum(dim=-1, keepdim=True)
