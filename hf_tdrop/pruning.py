@@ -1,0 +1,310 @@
+"""Post-hoc pruning with the paper's criterion: magnitude (or random) pruning of targeted layers.
+
+Gomez et al. (2019) prune exactly the kind of set targeted dropout targets, at the same fraction in
+every layer:
+
+* **weight mode**: in every output unit's incoming weight vector w_o (row ``o`` of the
+  ``[n_out, fan_in]`` view, see :func:`hf_tdrop.masking.unit_matrix`), the
+  ``floor(sparsity * fan_in)`` entries of smallest ``|w|`` are zeroed. Biases are kept.
+* **unit mode**: the ``floor(sparsity * n_out)`` output units with the smallest ``||w_o||_2`` are
+  zeroed entirely: their w_o and their bias entry.
+
+``method="random"`` prunes the same number of uniformly random weights / units (the usual baseline).
+
+Pruning writes zeros into the layers' own Parameters under ``torch.no_grad()``: it works on patched
+and unpatched models alike (a patched layer keeps its ``.weight``), keeps every Parameter object
+(optimizers, tied weights and hooks stay valid) and changes no ``state_dict`` key. :func:`pruned`
+undoes it exactly, saving only the pruned entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from . import masking
+from .config import check_mode
+from .layers import weight_layout
+from .targets import select_layers
+
+METHODS = ("magnitude", "random")
+"""Pruning criteria: ``"magnitude"`` (the paper's: smallest ``|w|`` / ``||w_o||_2`` first) or
+``"random"`` (same counts, chosen uniformly at random)."""
+
+
+def check_sparsity(value: Any, name: str = "sparsity") -> float:
+    """Return ``value`` as a float if it is a real number in [0, 1), else raise ``ValueError`` naming
+    ``name`` and the range. ``bool``, NaN and 1.0 are rejected (pruning everything is not a model)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+    return value
+
+
+def check_method(method: Any) -> str:
+    """Return ``method`` if it is one of :data:`METHODS`, else raise ``ValueError`` listing them."""
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
+    return method
+
+
+def _check_generator(generator: Any) -> Optional[torch.Generator]:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be None or a torch.Generator, got {type(generator).__name__}.")
+    return generator
+
+
+@dataclass
+class LayerPruneInfo:
+    """What :func:`prune_model` pruned in one layer.
+
+    Attributes:
+        name: the module's dotted name (``""`` if the model itself is the layer).
+        type: class name of the layer (the original class for a patched layer, e.g. ``"Conv1D"``).
+        shape: the weight's shape, in the layer's own layout.
+        n_weights: number of weight entries (``n_out * fan_in``).
+        n_units: number of output units / channels ``n_out``.
+        pruned_weights: weight entries set to zero (entries that were already zero count too).
+        pruned_units: whole units zeroed (unit mode; 0 in weight mode).
+        pruned_biases: bias entries set to zero (unit mode with a bias; else 0).
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    n_weights: int
+    n_units: int
+    pruned_weights: int
+    pruned_units: int
+    pruned_biases: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "type": self.type, "shape": list(self.shape), "n_weights": self.n_weights,
+            "n_units": self.n_units, "pruned_weights": self.pruned_weights, "pruned_units": self.pruned_units,
+            "pruned_biases": self.pruned_biases,
+        }
+
+
+@dataclass
+class PruneReport:
+    """Result of :func:`prune_model`: the settings and, per pruned layer, what was zeroed.
+
+    Attributes:
+        sparsity: requested fraction in [0, 1).
+        mode: ``"weight"`` or ``"unit"``.
+        method: ``"magnitude"`` or ``"random"``.
+        layers: one :class:`LayerPruneInfo` per targeted layer, in model order.
+    """
+
+    sparsity: float
+    mode: str
+    method: str
+    layers: list[LayerPruneInfo] = field(default_factory=list)
+
+    @property
+    def n_weights(self) -> int:
+        """Weight entries in the targeted layers."""
+        return sum(layer.n_weights for layer in self.layers)
+
+    @property
+    def pruned_weights(self) -> int:
+        """Weight entries zeroed over all targeted layers."""
+        return sum(layer.pruned_weights for layer in self.layers)
+
+    @property
+    def n_units(self) -> int:
+        return sum(layer.n_units for layer in self.layers)
+
+    @property
+    def pruned_units(self) -> int:
+        return sum(layer.pruned_units for layer in self.layers)
+
+    @property
+    def pruned_fraction(self) -> float:
+        """``pruned_weights / n_weights`` over the targeted layers (≤ ``sparsity``: floor per row/layer)."""
+        return self.pruned_weights / self.n_weights if self.n_weights else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict: settings, ``layers`` (list of dicts) and ``total``."""
+        return {
+            "sparsity": self.sparsity, "mode": self.mode, "method": self.method,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "total": {
+                "n_layers": len(self.layers), "n_weights": self.n_weights, "pruned_weights": self.pruned_weights,
+                "n_units": self.n_units, "pruned_units": self.pruned_units, "pruned_fraction": self.pruned_fraction,
+            },
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "shape", "pruned weights", "pruned units")
+        rows = [
+            (layer.name or "<model>", layer.type, "x".join(map(str, layer.shape)),
+             f"{layer.pruned_weights}/{layer.n_weights}", f"{layer.pruned_units}/{layer.n_units}")
+            for layer in self.layers
+        ]
+        rows.append(("total", "", f"{len(self.layers)} layers", f"{self.pruned_weights}/{self.n_weights}",
+                     f"{self.pruned_units}/{self.n_units}"))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        lines = [
+            f"PruneReport(sparsity={self.sparsity:g}, mode={self.mode!r}, method={self.method!r}, "
+            f"pruned {self.pruned_fraction:.2%} of {self.n_weights} targeted weights)",
+            fmt.format(*header), fmt.format(*("-" * w for w in widths)),
+        ]
+        lines += [fmt.format(*row) for row in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class _LayerPlan:
+    """Masks for one layer, computed before any weight changes."""
+
+    name: str
+    module: nn.Module
+    weight_mask: torch.Tensor  # bool, weight's shape (a view for the in_out layout)
+    bias_mask: Optional[torch.Tensor]  # bool [n_out] in unit mode with a bias, else None
+    info: LayerPruneInfo
+
+
+def _layer_type_name(module: nn.Module) -> str:
+    state = getattr(module, "tdrop_state", None)
+    original = getattr(state, "original_class", None)
+    return (original or type(module)).__name__
+
+
+def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method: str,
+                generator: Optional[torch.Generator]) -> _LayerPlan:
+    layout = weight_layout(module)
+    weight = module.weight
+    w2d = masking.unit_matrix(weight.detach(), layout)
+    n_out, fan_in = w2d.shape
+    bias = getattr(module, "bias", None)
+    bias_mask = None
+    if mode == "weight":
+        if method == "magnitude":
+            mask2d = masking.weight_prune_mask(w2d, sparsity)
+        else:
+            mask2d = masking.random_weight_prune_mask(w2d, sparsity, generator=generator)
+        units = 0
+    else:
+        if method == "magnitude":
+            unit_mask = masking.unit_prune_mask(w2d, sparsity)
+        else:
+            unit_mask = masking.random_unit_prune_mask(w2d, sparsity, generator=generator)
+        mask2d = unit_mask.unsqueeze(1).expand(n_out, fan_in)
+        units = int(unit_mask.sum())
+        if bias is not None:
+            bias_mask = unit_mask
+    weight_mask = masking.to_weight_layout(mask2d, weight, layout)
+    info = LayerPruneInfo(
+        name=name, type=_layer_type_name(module), shape=tuple(weight.shape), n_weights=n_out * fan_in,
+        n_units=n_out, pruned_weights=int(mask2d.sum()), pruned_units=units,
+        pruned_biases=int(bias_mask.sum()) if bias_mask is not None else 0,
+    )
+    return _LayerPlan(name, module, weight_mask, bias_mask, info)
+
+
+def _plan(model: nn.Module, sparsity: Any, mode: Any, method: Any, target_modules, exclude_modules,
+          generator: Any) -> tuple[float, list[_LayerPlan]]:
+    """Validate every argument and compute every mask; touches no weight."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    sparsity = check_sparsity(sparsity)
+    check_mode(mode)
+    check_method(method)
+    _check_generator(generator)
+    selected = select_layers(model, target_modules, exclude_modules)
+    return sparsity, [_plan_layer(name, m, sparsity, mode, method, generator) for name, m in selected]
+
+
+def prune_model(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    mode: str = "weight",
+    method: str = "magnitude",
+    target_modules=None,
+    exclude_modules=None,
+    generator: Optional[torch.Generator] = None,
+) -> PruneReport:
+    """Prune ``model`` in place: zero the same fraction ``sparsity`` in every targeted layer.
+
+    Args:
+        model: any ``nn.Module``, patched by :func:`hf_tdrop.patch_model` or not.
+        sparsity: fraction in [0, 1). Weight mode zeroes ``floor(sparsity * fan_in)`` entries of every
+            w_o (so every unit keeps at least one weight); unit mode zeroes ``floor(sparsity * n_out)``
+            whole units of every layer (their w_o and bias).
+        mode: ``"weight"`` or ``"unit"``.
+        method: ``"magnitude"`` (smallest ``|w|`` per w_o, or smallest ``||w_o||_2``; ties broken by
+            position, lowest index first) or ``"random"`` (the same counts, uniformly at random).
+        target_modules, exclude_modules: which layers, with the same defaults and matching rules as
+            :func:`hf_tdrop.patch_model` (default: every supported layer but output heads and layers
+            tied to embeddings).
+        generator: RNG for ``method="random"`` (default: torch's global RNG); ignored by magnitude.
+
+    Returns:
+        A :class:`PruneReport` with per-layer counts.
+
+    Raises:
+        ValueError: invalid ``sparsity``/``mode``/``method``/``generator``/patterns, or no layer matched.
+            Everything is validated and every mask computed before the first weight changes.
+    """
+    report, _ = _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save=False)
+    return report
+
+
+def _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save: bool):
+    sparsity, plans = _plan(model, sparsity, mode, method, target_modules, exclude_modules, generator)
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, mask, original values)
+    with torch.no_grad():
+        for plan in plans:
+            targets = [(plan.module.weight, plan.weight_mask)]
+            if plan.bias_mask is not None:
+                targets.append((plan.module.bias, plan.bias_mask))
+            for param, mask in targets:
+                if save:
+                    saved.append((param, mask, param[mask]))  # boolean indexing copies
+                param.masked_fill_(mask, 0)
+    report = PruneReport(sparsity=sparsity, mode=mode, method=method, layers=[p.info for p in plans])
+    return report, saved
+
+
+@contextlib.contextmanager
+def pruned(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    mode: str = "weight",
+    method: str = "magnitude",
+    target_modules=None,
+    exclude_modules=None,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[PruneReport]:
+    """Context manager: prune ``model`` in place like :func:`prune_model`, undo it on exit.
+
+    Only the pruned entries are saved (their original values and masks, not a copy of the model).
+    On exit, also when the body raises, they are written back into the same Parameter objects, so
+    the pruned entries are bit-exactly what they were. Entries the body itself changes (e.g. by
+    training) are not reverted. Yields the :class:`PruneReport`.
+
+    Example::
+
+        with pruned(model, 0.5, mode="unit") as report:
+            print(report.pruned_fraction, evaluate(model))
+        # model is back to its original weights here
+    """
+    report, saved = _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save=True)
+    try:
+        yield report
+    finally:
+        with torch.no_grad():
+            for param, mask, values in reversed(saved):  # reversed: tied parameters end up original
+                param[mask] = values

@@ -1,0 +1,666 @@
+"""Evaluation and reports: sparsity of a model, pruning sweeps, paper-style tables and plots.
+
+* :func:`sparsity_report` measures how many weights / whole units of each supported layer are zero.
+* :func:`prune_sweep` evaluates a model at several pruning levels (each under
+  :func:`hf_tdrop.pruning.pruned`, so the model ends exactly as it started) and returns a
+  :class:`SweepResult` (Markdown / CSV / JSON / PNG).
+* :func:`combine_sweeps` lays several runs side by side like the paper's tables (rows = prune %,
+  columns = runs, e.g. ``"none"`` vs ``"targeted α=0.66 γ=0.75"``); :func:`plot_sweeps` draws
+  metric vs sparsity per run with matplotlib (Agg canvas, no pyplot state, no display needed).
+
+No pandas: tables are plain lists rendered by hand, files written with ``csv`` and ``json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import masking
+from .config import check_mode, check_target_spec
+from .layers import weight_layout
+from .pruning import _layer_type_name, check_method, check_sparsity, pruned
+from .targets import _nothing_selected_message, matches_any, output_head_names, select_layers, supported_layers
+
+DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""The paper's pruning levels: 0 %, 10 %, ..., 90 %."""
+
+SCALAR_METRIC = "metric"
+"""Metric name used when ``evaluate_fn`` returns a single float."""
+
+_RESERVED = ("sparsity", "pruned_fraction")
+_FORMAT = "hf-tdrop-sweep"
+_TABLE_FORMAT = "hf-tdrop-sweep-table"
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparsity report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerSparsity:
+    """Zeros in one supported layer.
+
+    Attributes:
+        name: dotted module name (``""`` when the model itself is the layer).
+        type: layer class (original class for a patched layer).
+        shape: weight shape in the layer's own layout.
+        n_weights: weight entries (biases not counted).
+        zero_weights: weight entries exactly equal to zero.
+        n_units: output units / channels.
+        zero_units: units whose whole w_o is zero and whose bias (if the layer has one) is zero.
+        is_head: an output head or a layer tied to an embedding (not targeted by default).
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    n_weights: int
+    zero_weights: int
+    n_units: int
+    zero_units: int
+    is_head: bool
+
+    @property
+    def weight_sparsity(self) -> float:
+        return self.zero_weights / self.n_weights if self.n_weights else 0.0
+
+    @property
+    def unit_sparsity(self) -> float:
+        return self.zero_units / self.n_units if self.n_units else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "type": self.type, "shape": list(self.shape), "n_weights": self.n_weights,
+            "zero_weights": self.zero_weights, "weight_sparsity": self.weight_sparsity, "n_units": self.n_units,
+            "zero_units": self.zero_units, "unit_sparsity": self.unit_sparsity, "is_head": self.is_head,
+        }
+
+
+def _totals(layers: Sequence[LayerSparsity]) -> dict:
+    n_w = sum(layer.n_weights for layer in layers)
+    z_w = sum(layer.zero_weights for layer in layers)
+    n_u = sum(layer.n_units for layer in layers)
+    z_u = sum(layer.zero_units for layer in layers)
+    return {
+        "n_layers": len(layers), "n_weights": n_w, "zero_weights": z_w, "weight_sparsity": z_w / n_w if n_w else 0.0,
+        "n_units": n_u, "zero_units": z_u, "unit_sparsity": z_u / n_u if n_u else 0.0,
+    }
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer and total sparsity of a model (see :func:`sparsity_report`).
+
+    ``total`` covers every reported layer; ``total_excluding_heads`` only the layers that are not
+    heads (the ones pruning targets by default)."""
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+
+    @property
+    def total(self) -> dict:
+        return _totals(self.layers)
+
+    @property
+    def total_excluding_heads(self) -> dict:
+        return _totals([layer for layer in self.layers if not layer.is_head])
+
+    @property
+    def weight_sparsity(self) -> float:
+        """Fraction of zero weights over all reported layers."""
+        return self.total["weight_sparsity"]
+
+    @property
+    def unit_sparsity(self) -> float:
+        """Fraction of all-zero units over all reported layers."""
+        return self.total["unit_sparsity"]
+
+    def to_dict(self) -> dict:
+        return {"layers": [layer.to_dict() for layer in self.layers], "total": self.total,
+                "total_excluding_heads": self.total_excluding_heads}
+
+    def to_markdown(self) -> str:
+        """GitHub Markdown table: one row per layer, then the totals."""
+        def pct(z: int, n: int) -> str:
+            return f"{(z / n if n else 0.0):.2%} ({z}/{n})"
+
+        rows = [
+            [f"`{layer.name or '<model>'}`", layer.type, "×".join(map(str, layer.shape)),
+             pct(layer.zero_weights, layer.n_weights), pct(layer.zero_units, layer.n_units),
+             "yes" if layer.is_head else ""]
+            for layer in self.layers
+        ]
+        for label, t in (("**total**", self.total), ("**total excluding heads**", self.total_excluding_heads)):
+            rows.append([label, "", f"{t['n_layers']} layers", pct(t["zero_weights"], t["n_weights"]),
+                         pct(t["zero_units"], t["n_units"]), ""])
+        return _markdown_table(["layer", "type", "shape", "zero weights", "all-zero units", "head"], rows,
+                               align=["l", "l", "l", "r", "r", "c"])
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def sparsity_report(model: nn.Module, target_modules=None, exclude_modules=None) -> SparsityReport:
+    """Measure zeros in ``model``'s supported layers (patched or not).
+
+    Args:
+        model: any ``nn.Module``.
+        target_modules: ``None`` reports every supported layer, output heads included (flagged by
+            ``is_head``); otherwise patterns as in :func:`hf_tdrop.patch_model`.
+        exclude_modules: patterns of layers to leave out.
+
+    A weight is zero when it equals 0 exactly (``-0.0`` included). A unit o is all-zero when its
+    whole w_o (row o of the ``[n_out, fan_in]`` view) is zero and, if the layer has a bias, so is
+    ``bias[o]``. Reads the parameters only.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if target_modules is None:
+        excludes = check_target_spec("exclude_modules", exclude_modules)
+        selected = [(n, m) for n, m in supported_layers(model) if not matches_any(n, excludes)]
+        if not selected:
+            raise ValueError(_nothing_selected_message(supported_layers(model), None, excludes))
+    else:
+        selected = select_layers(model, target_modules, exclude_modules)
+    heads = output_head_names(model)
+    layers = []
+    with torch.no_grad():
+        for name, module in selected:
+            weight = module.weight.detach()
+            w2d = masking.unit_matrix(weight, weight_layout(module))
+            zero2d = w2d == 0
+            zero_units = zero2d.all(dim=1)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                zero_units &= bias.detach() == 0
+            layers.append(LayerSparsity(
+                name=name, type=_layer_type_name(module), shape=tuple(weight.shape), n_weights=w2d.numel(),
+                zero_weights=int(zero2d.sum()), n_units=w2d.shape[0], zero_units=int(zero_units.sum()),
+                is_head=name in heads,
+            ))
+    return SparsityReport(layers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps
+# --------------------------------------------------------------------------------------------------
+
+
+def _percent(s: float) -> str:
+    return f"{round(100 * s, 6):g}%"
+
+
+def _fmt(value: Optional[float], float_format: str) -> str:
+    if value is None:
+        return "–"
+    return format(value, float_format)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Optional[Sequence[str]] = None) -> str:
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    widths = [max(w, 4) for w in widths]
+
+    def line(cells):
+        return "| " + " | ".join(
+            str(c).rjust(w) if a == "r" else str(c).ljust(w) for c, w, a in zip(cells, widths, align)) + " |"
+
+    def rule(a: str, w: int) -> str:
+        return {"l": ":" + "-" * (w - 1), "r": "-" * (w - 1) + ":", "c": ":" + "-" * (w - 2) + ":"}[a]
+
+    sep = "| " + " | ".join(rule(a, w) for a, w in zip(align, widths)) + " |"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)]) + "\n"
+
+
+def _check_float_format(float_format: Any) -> str:
+    try:
+        format(1.0, float_format)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`float_format` must be a format spec for floats such as '.4f', got {float_format!r}.") from None
+    return float_format
+
+
+def _as_float_list(values: Any, name: str) -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"`{name}` must be a list of numbers, got {type(values).__name__}.")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"`{name}` must contain numbers only, got {v!r}.")
+        out.append(float(v))
+    return out
+
+
+@dataclass
+class SweepResult:
+    """Metrics of one model at several pruning levels (one run = one column of the paper's tables).
+
+    Attributes:
+        run_name: label of the run (e.g. ``"none"``, ``"targeted α=0.66 γ=0.75"``).
+        mode: pruning mode used, ``"weight"`` or ``"unit"``.
+        method: ``"magnitude"`` or ``"random"``.
+        sparsities: the pruning levels, in evaluation order, each in [0, 1).
+        metrics: ``{metric name: [value at each level]}``, every list as long as ``sparsities``.
+        pruned_fraction: fraction of the targeted weights actually zeroed at each level (the floor
+            per row / layer makes it slightly below the level), or None if unknown.
+    """
+
+    run_name: str
+    mode: str
+    method: str
+    sparsities: list[float]
+    metrics: dict[str, list[float]]
+    pruned_fraction: Optional[list[float]] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_name, str) or not self.run_name:
+            raise ValueError(f"`run_name` must be a non-empty string, got {self.run_name!r}.")
+        check_mode(self.mode)
+        check_method(self.method)
+        self.sparsities = _as_float_list(self.sparsities, "sparsities")
+        for s in self.sparsities:
+            check_sparsity(s, "sparsities")
+        if len(set(self.sparsities)) != len(self.sparsities):
+            raise ValueError(f"`sparsities` must be distinct, got {self.sparsities}.")
+        if not isinstance(self.metrics, Mapping) or not self.metrics:
+            raise ValueError(
+                f"`metrics` must be a non-empty dict of metric name -> list of floats, got {self.metrics!r}.")
+        metrics = {}
+        for key, values in self.metrics.items():
+            if not isinstance(key, str) or not key or key in _RESERVED:
+                raise ValueError(f"`metrics` keys must be non-empty strings other than {list(_RESERVED)}, got {key!r}.")
+            values = _as_float_list(values, f"metrics[{key!r}]")
+            if len(values) != len(self.sparsities):
+                raise ValueError(f"`metrics[{key!r}]` has {len(values)} values for {len(self.sparsities)} sparsities.")
+            metrics[key] = values
+        self.metrics = metrics
+        if self.pruned_fraction is not None:
+            self.pruned_fraction = _as_float_list(self.pruned_fraction, "pruned_fraction")
+            if len(self.pruned_fraction) != len(self.sparsities):
+                raise ValueError("`pruned_fraction` must have one value per sparsity.")
+
+    def metric_names(self) -> list[str]:
+        return list(self.metrics)
+
+    def _check_metric(self, metric: Optional[str]) -> list[str]:
+        if metric is None:
+            return self.metric_names()
+        if metric not in self.metrics:
+            raise ValueError(f"`metric` must be one of {self.metric_names()}, got {metric!r}.")
+        return [metric]
+
+    def to_markdown(self, metric: Optional[str] = None, float_format: str = ".4f") -> str:
+        """Markdown table: one row per level (``prune %``), one column per metric (or only ``metric``)."""
+        names = self._check_metric(metric)
+        _check_float_format(float_format)
+        rows = [[_percent(s), *(_fmt(self.metrics[m][i], float_format) for m in names)]
+                for i, s in enumerate(self.sparsities)]
+        title = f"**{self.run_name}** ({self.method} {self.mode} pruning)\n\n"
+        return title + _markdown_table(["prune %", *names], rows)
+
+    def to_dict(self) -> dict:
+        return {"format": _FORMAT, "version": 1, "run_name": self.run_name, "mode": self.mode,
+                "method": self.method, "sparsities": list(self.sparsities),
+                "metrics": {k: list(v) for k, v in self.metrics.items()}, "pruned_fraction": self.pruned_fraction}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SweepResult":
+        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
+            raise ValueError(f"Not a hf-tdrop sweep result (expected 'format': {_FORMAT!r}).")
+        missing = [k for k in ("run_name", "mode", "method", "sparsities", "metrics") if k not in data]
+        if missing:
+            raise ValueError(f"Sweep result is missing fields {missing}.")
+        return cls(run_name=data["run_name"], mode=data["mode"], method=data["method"],
+                   sparsities=data["sparsities"], metrics=data["metrics"],
+                   pruned_fraction=data.get("pruned_fraction"))
+
+    def to_json(self, path: PathLike) -> Path:
+        """Write the result as JSON (floats at full precision); returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, path: PathLike) -> "SweepResult":
+        """Read a result written by :meth:`to_json`."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def to_csv(self, path: PathLike) -> Path:
+        """Write ``sparsity,<metric>...,pruned_fraction`` rows (full-precision floats); returns the path."""
+        path = Path(path)
+        names = self.metric_names()
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sparsity", *names] + (["pruned_fraction"] if self.pruned_fraction else []))
+            for i, s in enumerate(self.sparsities):
+                extra = [repr(self.pruned_fraction[i])] if self.pruned_fraction else []
+                writer.writerow([repr(s), *(repr(self.metrics[m][i]) for m in names), *extra])
+        return path
+
+    def save(self, output_dir: PathLike, prefix: Optional[str] = None, *, plot: bool = True) -> dict[str, Path]:
+        """Write ``<prefix>.md``, ``.csv``, ``.json`` and (``plot=True``, needs matplotlib) ``.png``
+        into ``output_dir`` (created if needed). ``prefix`` defaults to ``sweep-<run name slug>``.
+        Returns ``{"markdown"|"csv"|"json"|"png": path}``."""
+        if prefix is None:
+            prefix = "sweep-" + _slug(self.run_name)
+        if not isinstance(prefix, str) or not prefix or "/" in prefix or os.sep in prefix:
+            raise ValueError(f"`prefix` must be a non-empty file name stem without path separators, got {prefix!r}.")
+        if plot:
+            _import_matplotlib()  # fail before writing anything
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"markdown": out / f"{prefix}.md", "csv": out / f"{prefix}.csv", "json": out / f"{prefix}.json"}
+        paths["markdown"].write_text(self.to_markdown(), encoding="utf-8")
+        self.to_csv(paths["csv"])
+        self.to_json(paths["json"])
+        if plot:
+            title = f"{self.run_name} ({self.method} {self.mode} pruning)"
+            paths["png"] = plot_sweeps([self], out / f"{prefix}.png", title=title)
+        return paths
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text.replace("α", "alpha").replace("γ", "gamma")).strip("-.")
+    return slug or "run"
+
+
+def _parse_metrics(value: Any, sparsity: float) -> dict[str, float]:
+    def number(v: Any, key: str) -> float:
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or isinstance(v, (str, bytes)):
+            raise ValueError(f"`evaluate_fn` returned {v!r} for {key!r} at sparsity {sparsity:g}; expected a float.")
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`evaluate_fn` must return a float or a dict of named floats, got {type(v).__name__} for {key!r} "
+                f"at sparsity {sparsity:g}.") from None
+
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError("`evaluate_fn` returned an empty dict; expected named floats.")
+        out = {}
+        for key, v in value.items():
+            if not isinstance(key, str) or not key or key in _RESERVED:
+                raise ValueError(f"`evaluate_fn` metric names must be non-empty strings other than {list(_RESERVED)}, "
+                                 f"got {key!r}.")
+            out[key] = number(v, key)
+        return out
+    return {SCALAR_METRIC: number(value, SCALAR_METRIC)}
+
+
+def _default_run_name(model: nn.Module) -> str:
+    config = getattr(model, "tdrop_config", None)
+    if config is not None and hasattr(config, "alpha"):
+        return f"targeted α={config.alpha:g} γ={config.gamma:g}"
+    return "model"
+
+
+def prune_sweep(
+    model: nn.Module,
+    evaluate_fn: Callable[[nn.Module], Union[float, Mapping[str, float]]],
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    *,
+    mode: str = "weight",
+    method: str = "magnitude",
+    target_modules=None,
+    exclude_modules=None,
+    run_name: Optional[str] = None,
+    progress: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> SweepResult:
+    """Evaluate ``model`` at every pruning level in ``sparsities``; the model ends exactly as it began.
+
+    At each level ``s`` the model is pruned with :func:`hf_tdrop.pruned` (``floor(s * fan_in)``
+    weights per w_o, or ``floor(s * n_out)`` units per layer, in every targeted layer) and
+    ``evaluate_fn(model)`` is called. Pruning always starts from the original weights, so the levels
+    are independent. Afterwards the weights are bit-exactly restored (also if ``evaluate_fn`` raises)
+    and every module is put back in its original train/eval mode.
+
+    Args:
+        model: the model to evaluate (patched or not; a patched model in ``eval()`` computes exactly
+            like the unpatched one, so ``evaluate_fn`` should call ``model.eval()``).
+        evaluate_fn: ``evaluate_fn(model) -> float`` (recorded as metric ``"metric"``) or
+            ``-> {"accuracy": ..., "loss": ...}``; the same names at every level. It should run under
+            ``torch.no_grad()`` / ``torch.inference_mode()``.
+        sparsities: distinct levels in [0, 1), evaluated in the given order (default 0 %, 10 %, ..., 90 %).
+        mode, method, target_modules, exclude_modules: as in :func:`hf_tdrop.prune_model`.
+        run_name: column label; default ``"targeted α=… γ=…"`` for a model patched by
+            :func:`hf_tdrop.patch_model`, else ``"model"``.
+        progress: show a tqdm progress bar.
+        generator: RNG for ``method="random"``.
+
+    Returns:
+        A :class:`SweepResult`.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if not callable(evaluate_fn):
+        raise ValueError(
+            f"`evaluate_fn` must be callable (model -> float or dict of floats), got {type(evaluate_fn).__name__}.")
+    levels = _as_float_list(sparsities, "sparsities")
+    if not levels:
+        raise ValueError("`sparsities` must contain at least one level in [0, 1).")
+    for s in levels:
+        check_sparsity(s, "sparsities")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"`sparsities` must be distinct, got {levels}.")
+    check_mode(mode)
+    check_method(method)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be None or a torch.Generator, got {type(generator).__name__}.")
+    if run_name is not None and (not isinstance(run_name, str) or not run_name):
+        raise ValueError(f"`run_name` must be None or a non-empty string, got {run_name!r}.")
+    if not isinstance(progress, bool):
+        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
+    select_layers(model, target_modules, exclude_modules)  # validates the patterns up front
+    run_name = run_name or _default_run_name(model)
+
+    training = [(m, m.training) for m in model.modules()]
+    metrics: dict[str, list[float]] = {}
+    fractions: list[float] = []
+    bar = tqdm(levels, desc=f"prune sweep [{run_name}]", unit="level", disable=not progress)
+    try:
+        for s in bar:
+            with pruned(model, s, mode=mode, method=method, target_modules=target_modules,
+                        exclude_modules=exclude_modules, generator=generator) as report:
+                value = evaluate_fn(model)
+            values = _parse_metrics(value, s)
+            if metrics and set(values) != set(metrics):
+                raise ValueError(f"`evaluate_fn` returned metrics {sorted(values)} at sparsity {s:g} but "
+                                 f"{sorted(metrics)} before; it must return the same names at every level.")
+            for key, v in values.items():
+                metrics.setdefault(key, []).append(v)
+            fractions.append(report.pruned_fraction)
+            shown = {k: f"{v:.4g}" for k, v in list(values.items())[:3]}
+            bar.set_postfix({"prune": _percent(s), **shown}, refresh=False)
+    finally:
+        bar.close()
+        for module, flag in training:
+            module.training = flag
+    return SweepResult(run_name=run_name, mode=mode, method=method, sparsities=levels, metrics=metrics,
+                       pruned_fraction=fractions)
+
+
+# --------------------------------------------------------------------------------------------------
+# Combined tables and plots
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepTable:
+    """Several runs side by side, shaped like the paper's tables.
+
+    Attributes:
+        metric: the metric shown.
+        columns: run labels, one column each.
+        sparsities: row levels (sorted union of the runs' levels).
+        values: ``values[i][j]`` = metric of run ``j`` at ``sparsities[i]``, None if that run lacks the level.
+    """
+
+    metric: str
+    columns: list[str]
+    sparsities: list[float]
+    values: list[list[Optional[float]]]
+
+    def to_markdown(self, float_format: str = ".4f") -> str:
+        """Markdown: header ``prune % | <run> | <run> ...``, one row per level; missing values as ``–``."""
+        _check_float_format(float_format)
+        rows = [[_percent(s), *(_fmt(v, float_format) for v in row)] for s, row in zip(self.sparsities, self.values)]
+        return f"**{self.metric}**\n\n" + _markdown_table(["prune %", *self.columns], rows)
+
+    def to_dict(self) -> dict:
+        return {"format": _TABLE_FORMAT, "version": 1, "metric": self.metric, "columns": list(self.columns),
+                "sparsities": list(self.sparsities), "values": [list(r) for r in self.values]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SweepTable":
+        if not isinstance(data, Mapping) or data.get("format") != _TABLE_FORMAT:
+            raise ValueError(f"Not a hf-tdrop sweep table (expected 'format': {_TABLE_FORMAT!r}).")
+        missing = [k for k in ("metric", "columns", "sparsities", "values") if k not in data]
+        if missing:
+            raise ValueError(f"Sweep table is missing fields {missing}.")
+        return cls(metric=data["metric"], columns=list(data["columns"]), sparsities=list(data["sparsities"]),
+                   values=[list(r) for r in data["values"]])
+
+    def to_json(self, path: PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, path: PathLike) -> "SweepTable":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def to_csv(self, path: PathLike) -> Path:
+        """Write ``sparsity,<run>,<run>...`` rows; a missing value is an empty cell."""
+        path = Path(path)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sparsity", *self.columns])
+            for s, row in zip(self.sparsities, self.values):
+                writer.writerow([repr(s), *("" if v is None else repr(v) for v in row)])
+        return path
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _check_results(results: Any) -> list[SweepResult]:
+    if isinstance(results, SweepResult):
+        results = [results]
+    if isinstance(results, (str, bytes)) or not isinstance(results, Sequence) or not results:
+        raise ValueError("`results` must be a non-empty list of SweepResult.")
+    for r in results:
+        if not isinstance(r, SweepResult):
+            raise ValueError(f"`results` must contain SweepResult objects only, got {type(r).__name__}.")
+    return list(results)
+
+
+def _check_labels(labels: Any, results: list[SweepResult]) -> list[str]:
+    if labels is None:
+        labels = [r.run_name for r in results]
+    elif isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) != len(results) or \
+            any(not isinstance(x, str) or not x for x in labels):
+        raise ValueError(
+            f"`labels` must be a list of {len(results)} non-empty strings (one per result), got {labels!r}.")
+    labels = list(labels)
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Column labels must be distinct, got {labels}; pass `labels=` or distinct run names.")
+    return labels
+
+
+def _common_metrics(results: list[SweepResult]) -> list[str]:
+    return [m for m in results[0].metrics if all(m in r.metrics for r in results)]
+
+
+def _check_metric_for(results: list[SweepResult], metric: Any) -> str:
+    common = _common_metrics(results)
+    if metric is None:
+        if len(common) == 1:
+            return common[0]
+        raise ValueError(f"`metric` must be given when the runs share {len(common)} metrics; choose from {common}.")
+    if metric not in common:
+        raise ValueError(f"`metric` must be a metric of every run, one of {common}, got {metric!r}.")
+    return metric
+
+
+def combine_sweeps(results: Sequence[SweepResult], metric: Optional[str] = None, *,
+                   labels: Optional[Sequence[str]] = None) -> SweepTable:
+    """Combine runs into one paper-style table of ``metric``: rows = prune %, columns = runs.
+
+    Args:
+        results: the runs (e.g. the unregularised model and the targeted-dropout one).
+        metric: a metric every run has (may be omitted when they share exactly one).
+        labels: column labels; default each run's ``run_name`` (must be distinct).
+
+    Rows are the sorted union of the runs' levels; a run without a level shows ``–`` / None there.
+    """
+    results = _check_results(results)
+    metric = _check_metric_for(results, metric)
+    columns = _check_labels(labels, results)
+    levels = sorted({s for r in results for s in r.sparsities})
+    lookup = [dict(zip(r.sparsities, r.metrics[metric])) for r in results]
+    values = [[col.get(s) for col in lookup] for s in levels]
+    return SweepTable(metric=metric, columns=columns, sparsities=levels, values=values)
+
+
+def _import_matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - matplotlib is in the [examples] extra
+        raise ImportError(
+            "Plotting sweeps needs matplotlib: pip install 'hf-tdrop[examples]' (or matplotlib).") from err
+    return FigureCanvasAgg, Figure
+
+
+def plot_sweeps(results: Sequence[SweepResult], path: PathLike, metric: Optional[str] = None, *,
+                labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
+    """Plot metric vs prune % for each run (one line per run) into a PNG at ``path``.
+
+    ``metric=None`` draws one panel per metric shared by every run. Uses matplotlib's Agg canvas
+    directly (no pyplot, no global backend change). Returns ``path``.
+    """
+    results = _check_results(results)
+    columns = _check_labels(labels, results)
+    names = _common_metrics(results) if metric is None else [_check_metric_for(results, metric)]
+    if not names:
+        raise ValueError("The runs share no metric to plot.")
+    FigureCanvasAgg, Figure = _import_matplotlib()
+    path = Path(path)
+    fig = Figure(figsize=(5.0 * len(names), 3.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        for result, label in zip(results, columns):
+            order = sorted(range(len(result.sparsities)), key=lambda i: result.sparsities[i])
+            xs = [100 * result.sparsities[i] for i in order]
+            ys = [result.metrics[name][i] for i in order]
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel(f"prune % ({results[0].mode} pruning)" if len({r.mode for r in results}) == 1 else "prune %")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, format="png")
+    return path
