@@ -389,3 +389,22 @@ def test_autocast_and_low_precision_weights(dtype):
         w_eff = layer(torch.eye(64, dtype=dtype)).t()
     assert torch.equal(w_eff == 0, targeted | (layer.weight == 0))
     assert torch.isfinite(w_eff).all()
+
+
+def test_patched_layer_unpickles_in_a_fresh_process(tmp_path):
+    """The compile-safe mask function is created lazily; unpickling alone must set it up."""
+    import subprocess
+    import sys
+
+    layer = patch_model(nn.Linear(6, 5), alpha=1.0, gamma=0.5)
+    (tmp_path / "layer.pkl").write_bytes(pickle.dumps(layer))
+    code = (
+        "import pickle, sys, torch\n"
+        f"layer = pickle.loads(open({str(tmp_path / 'layer.pkl')!r}, 'rb').read())\n"
+        "w = (layer(torch.eye(6)) - layer.bias).t()\n"
+        "assert (w == 0).sum(dim=1).tolist() == [3] * 5, w\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

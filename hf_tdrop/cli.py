@@ -1,0 +1,323 @@
+"""``hf-tdrop`` command line: prune (and shrink) a checkpoint, save / publish it, report its sparsity.
+
+Examples::
+
+    hf-tdrop prune ./my-td-bert --sparsity 0.5 --mode unit --shrink --output ./bert-unit50
+    hf-tdrop prune ./my-td-bert --sparsity 0.8 --output ./bert-w80 --push-to-hub me/bert-w80 --private
+    hf-tdrop report ./bert-unit50 --format markdown
+
+The model is loaded with ``AutoConfig`` and the Auto class whose mapping holds the config's
+``architectures[0]`` (e.g. ``AutoModelForSequenceClassification`` for ``BertForSequenceClassification``),
+falling back to ``AutoModel``. Every argument is checked before anything is written; a bad argument
+exits with status 2 and a one-line reason, a failure while running with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .hub import auto_class_for
+
+logger = logging.getLogger("hf_tdrop.cli")
+
+PROG = "hf-tdrop"
+REPORT_FORMATS = ("text", "markdown", "json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "preprocessor_config.json", "processor_config.json")
+
+
+class UsageError(Exception):
+    """A bad command-line argument (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line: ``hf-tdrop prune: error: <reason> (see --help)``."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Targeted Dropout (Gomez et al., 2019) tools: prune a transformers checkpoint by magnitude "
+                    "(optionally shrink unit-pruned feed-forward blocks into a smaller dense model), save or "
+                    "publish it with tdrop_config.json and a model card, and report sparsity.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{prune,report}", parser_class=_Parser)
+    sub.required = True
+
+    prune = sub.add_parser(
+        "prune", help="prune a checkpoint, optionally shrink it, and save and/or push it",
+        description="Load MODEL (a local checkpoint directory or a Hub id), prune every targeted layer to the "
+                    "same sparsity, optionally shrink dead feed-forward units (unit mode), and save it with "
+                    "save_pretrained (safetensors), tdrop_config.json and a model card.",
+    )
+    prune.add_argument("model", metavar="MODEL_DIR_OR_ID", help="checkpoint directory (with config.json) or Hub model id")
+    prune.add_argument("--sparsity", type=_fraction, required=True,
+                       help="fraction to prune in every targeted layer, in [0, 1): of each w_o's weights "
+                            "(weight mode) or of each layer's units (unit mode)")
+    prune.add_argument("--mode", choices=("weight", "unit"), default="weight",
+                       help="prune individual weights within each output unit, or whole units (default: weight)")
+    prune.add_argument("--method", choices=("magnitude", "random"), default="magnitude",
+                       help="smallest |w| / ||w_o||_2 first (the paper's criterion), or random (default: magnitude)")
+    prune.add_argument("--target-modules", nargs="+", metavar="PATTERN", default=None,
+                       help="layers to prune: full names, dotted suffixes (e.g. 'intermediate.dense') or regexes "
+                            "(default: every Linear/Conv1D/Conv layer except output heads and tied layers)")
+    prune.add_argument("--exclude-modules", nargs="+", metavar="PATTERN", default=None,
+                       help="layers never to prune (same pattern rules)")
+    prune.add_argument("--seed", type=_seed, default=0, help="seed of --method random (default: 0)")
+    prune.add_argument("--shrink", action="store_true",
+                       help="after unit pruning, physically remove dead feed-forward units (needs --mode unit; "
+                            "BERT, RoBERTa, ViT, GPT-2, T5, Marian, BART, Llama, Mistral, Qwen2)")
+    prune.add_argument("--on-uneven", choices=("pad", "raise"), default="pad",
+                       help="with --shrink, when layers would get different widths: keep the widest (pad) or "
+                            "fail (raise) (default: pad)")
+    prune.add_argument("--output", metavar="DIR", default=None,
+                       help="directory to write (must be empty or absent unless --overwrite)")
+    prune.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output directory")
+    prune.add_argument("--push-to-hub", metavar="REPO", default=None,
+                       help="also upload to this Hub repo ('user/name'); token from HF_TOKEN or `hf auth login`")
+    prune.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    prune.add_argument("--base-model", metavar="HUB_ID", default=None,
+                       help="base_model for the model card (default: MODEL when it is a Hub id)")
+
+    report = sub.add_parser(
+        "report", help="print the sparsity of a checkpoint's layers",
+        description="Load MODEL and print, per supported layer, the fraction of zero weights and all-zero units.",
+    )
+    report.add_argument("model", metavar="MODEL_DIR", help="checkpoint directory (with config.json) or Hub model id")
+    report.add_argument("--format", choices=REPORT_FORMATS, default="text", help="output format (default: text)")
+    report.add_argument("--target-modules", nargs="+", metavar="PATTERN", default=None,
+                        help="only these layers (default: every supported layer, heads included and flagged)")
+    report.add_argument("--exclude-modules", nargs="+", metavar="PATTERN", default=None,
+                        help="leave these layers out")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_model_arg(model: str) -> bool:
+    """Validate MODEL; returns True if it is a local directory."""
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"MODEL {model!r} is a file; give a checkpoint directory or a Hub id")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"MODEL directory {model!r} has no config.json (not a transformers checkpoint)")
+        return True
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except ValueError:
+        raise UsageError(f"MODEL {model!r} is neither an existing directory nor a valid Hub model id") from None
+    return False
+
+
+def _load_config(model: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as err:  # noqa: BLE001 - reported as one line
+        raise RuntimeError(f"could not load the config of {model!r}: {_one_line(err)}") from None
+
+
+def _load_model(model: str, config):
+    auto_cls = auto_class_for(config)
+    logger.info("Loading %s with %s", model, auto_cls.__name__)
+    try:
+        return auto_cls.from_pretrained(model, config=config)
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(f"could not load {model!r} with {auto_cls.__name__}: {_one_line(err)}") from None
+
+
+def _load_preprocessor(model: str, is_local: bool):
+    if is_local and not any((Path(model) / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoProcessor, AutoTokenizer
+
+    for loader in (AutoProcessor, AutoTokenizer):
+        try:
+            return loader.from_pretrained(model)
+        except Exception:  # noqa: BLE001 - optional: the model is saved without it
+            continue
+    logger.warning("No tokenizer or processor could be loaded from %s; saving the model without one.", model)
+    return None
+
+
+def _training_config_from(model: str, is_local: bool):
+    if not is_local:
+        return None
+    path = Path(model) / "tdrop_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("targeted_dropout")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _run_prune(args) -> int:
+    from .hub import _check_output_dir, push_pruned_to_hub, save_pruned
+    from .pruning import check_sparsity
+
+    # ---- validate everything before loading or writing anything ------------------------------
+    try:
+        check_sparsity(args.sparsity)
+    except ValueError:
+        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity!r}") from None
+    if args.shrink and args.mode != "unit":
+        raise UsageError("--shrink needs --mode unit (only whole dead units can be removed)")
+    if args.output is None and args.push_to_hub is None:
+        raise UsageError("give --output DIR and/or --push-to-hub REPO")
+    if args.private and args.push_to_hub is None:
+        raise UsageError("--private only applies with --push-to-hub")
+    if args.overwrite and args.output is None:
+        raise UsageError("--overwrite only applies with --output")
+    if args.output is not None:
+        try:
+            _check_output_dir(args.output, args.overwrite)
+        except ValueError as err:
+            raise UsageError(str(err).replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
+    from huggingface_hub.utils import validate_repo_id
+
+    for flag, value in (("--push-to-hub", args.push_to_hub), ("--base-model", args.base_model)):
+        if value is not None:
+            try:
+                validate_repo_id(value)
+            except ValueError:
+                raise UsageError(f"{flag} {value!r} is not a valid Hub repo id ('user/name')") from None
+    is_local = _check_model_arg(args.model)
+    from .config import check_target_spec
+
+    for flag, value in (("--target-modules", args.target_modules), ("--exclude-modules", args.exclude_modules)):
+        try:
+            check_target_spec(flag, value)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+    config = _load_config(args.model)
+    if args.shrink:
+        from .shrink import SUPPORTED_MODEL_TYPES
+
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UsageError(f"--shrink does not support model type {config.model_type!r}; "
+                             f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+
+    # ---- load, prune, shrink (in memory) ------------------------------------------------------
+    import torch
+
+    from .pruning import prune_model
+    from .shrink import shrink_model
+
+    model = _load_model(args.model, config)
+    model.eval()
+    preprocessor = _load_preprocessor(args.model, is_local)
+    generator = torch.Generator().manual_seed(args.seed) if args.method == "random" else None
+    try:
+        prune_report = prune_model(model, args.sparsity, mode=args.mode, method=args.method,
+                                   target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+                                   generator=generator)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    print(f"Pruned {prune_report.pruned_fraction:.2%} of the weights of {len(prune_report.layers)} layers "
+          f"({args.method} {args.mode} pruning at sparsity {args.sparsity:g}).")
+    shrink_report = None
+    if args.shrink:
+        shrink_report = shrink_model(model, on_uneven=args.on_uneven)
+        print(str(shrink_report))
+
+    # ---- write ------------------------------------------------------------------------------------
+    base_model = args.base_model or (None if is_local else args.model)
+    save_kwargs = dict(tokenizer_or_processor=preprocessor, prune_report=prune_report, shrink_report=shrink_report,
+                       base_model=base_model, training_config=_training_config_from(args.model, is_local))
+    if args.output is not None:
+        out = save_pruned(model, args.output, overwrite=args.overwrite, **save_kwargs)
+        print(f"Saved to {out}")
+    if args.push_to_hub is not None:
+        info = push_pruned_to_hub(model, args.push_to_hub, private=args.private, **save_kwargs)
+        print(f"Uploaded to {getattr(info, 'commit_url', None) or args.push_to_hub}")
+    return 0
+
+
+def _run_report(args) -> int:
+    from .config import check_target_spec
+    from .reports import sparsity_report
+
+    for flag, value in (("--target-modules", args.target_modules), ("--exclude-modules", args.exclude_modules)):
+        try:
+            check_target_spec(flag, value)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    _check_model_arg(args.model)
+    config = _load_config(args.model)
+    model = _load_model(args.model, config)
+    try:
+        report = sparsity_report(model, args.target_modules, args.exclude_modules)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.format == "markdown":
+        print(report.to_markdown())
+    else:
+        t = report.total
+        print(f"{args.model} ({config.model_type}, {type(model).__name__}): {t['n_layers']} supported layers, "
+              f"{t['weight_sparsity']:.2%} zero weights ({t['zero_weights']}/{t['n_weights']}), "
+              f"{t['unit_sparsity']:.2%} all-zero units ({t['zero_units']}/{t['n_units']})")
+        print(str(report))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``hf-tdrop`` console script; returns the exit status (0 ok, 2 bad argument, 1 failure)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a parse error (2, message already printed)
+        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run = _run_prune if args.command == "prune" else _run_report
+    try:
+        return run(args)
+    except UsageError as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ValueError, OSError) as err:
+        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Save and publish pruned models: a plain ``transformers`` checkpoint, ``tdrop_config.json`` and a model card.
+
+:func:`save_pruned` writes, into one directory:
+
+* the model with ``save_pretrained`` (safetensors) -- stock ``transformers`` loads it, no hf_tdrop
+  code needed (a patched model saves its original ``state_dict``);
+* the tokenizer / processor, when given;
+* ``tdrop_config.json``: what was done (pruning mode, method, sparsity and pruned layers; the
+  targeted-dropout settings α, γ and schedule used in training; sparsity totals; the shrink report);
+* ``README.md``: a model card with Hub metadata (``library_name: transformers``, tags
+  ``hf-tdrop``/``targeted-dropout``/``pruned``, ``base_model``) and the sparsity report, shrink report
+  and pruning-sweep table/plot;
+* ``sweep.md/.csv/.json/.png`` when a sweep is given.
+
+:func:`push_pruned_to_hub` writes the same folder to a temporary directory and uploads it with
+``huggingface_hub.HfApi.upload_folder``. The token comes from the argument or from the usual
+Hugging Face places (``HF_TOKEN``, ``huggingface-cli login``); it is never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from .config import TargetedDropoutConfig, check_mode
+from .patching import CONFIG_ATTR, is_patched, targeted_layers
+
+logger = logging.getLogger(__name__)
+
+TDROP_CONFIG_NAME = "tdrop_config.json"
+MODEL_CARD_NAME = "README.md"
+SWEEP_PREFIX = "sweep"
+CARD_TAGS = ("hf-tdrop", "targeted-dropout", "pruned")
+TDROP_FORMAT = "hf-tdrop"
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(output_dir: Any, overwrite: Any) -> Path:
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+        raise ValueError(f"`output_dir` must be a non-empty path, got {output_dir!r}.")
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`output_dir` {str(path)!r} exists and is not a directory.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"`output_dir` {str(path)!r} is not empty; pass overwrite=True (CLI: --overwrite) to write into it."
+        )
+    return path
+
+
+def _check_sweep(sweep: Any) -> Optional[list]:
+    if sweep is None:
+        return None
+    from .reports import SweepResult
+
+    runs = [sweep] if isinstance(sweep, SweepResult) else sweep
+    if isinstance(runs, (str, bytes)) or not isinstance(runs, Sequence) or not runs or \
+            not all(isinstance(r, SweepResult) for r in runs):
+        raise ValueError(
+            f"`sweep` must be None, a SweepResult (from hf_tdrop.prune_sweep) or a non-empty list of them, "
+            f"got {type(sweep).__name__}."
+        )
+    return list(runs)
+
+
+def _check_training_config(model: nn.Module, training_config: Any) -> Optional[TargetedDropoutConfig]:
+    if training_config is None:
+        found = getattr(model, CONFIG_ATTR, None)
+        return found if isinstance(found, TargetedDropoutConfig) else None
+    if isinstance(training_config, TargetedDropoutConfig):
+        return training_config
+    if isinstance(training_config, Mapping):
+        return TargetedDropoutConfig.from_dict(dict(training_config))
+    raise ValueError(
+        f"`training_config` must be None, a TargetedDropoutConfig or a dict of its fields, "
+        f"got {type(training_config).__name__}."
+    )
+
+
+def _json_ready(name: str, value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}` must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from None
+    return value
+
+
+def _pruning_info(prune_report: Any, sparsity: Any, mode: Any, method: Any) -> Optional[dict]:
+    from .pruning import PruneReport, check_method, check_sparsity
+
+    if prune_report is not None and not isinstance(prune_report, PruneReport):
+        raise ValueError(f"`prune_report` must be None or a PruneReport (from prune_model), got {type(prune_report).__name__}.")
+    info: dict = {}
+    if prune_report is not None:
+        info = {"sparsity": prune_report.sparsity, "mode": prune_report.mode, "method": prune_report.method,
+                "layers": [layer.name for layer in prune_report.layers],
+                "pruned_fraction": prune_report.pruned_fraction}
+    for key, value, check in (("sparsity", sparsity, check_sparsity), ("mode", mode, check_mode),
+                              ("method", method, check_method)):
+        if value is None:
+            continue
+        value = check(value)
+        if key in info and info[key] != value:
+            raise ValueError(f"`{key}`={value!r} disagrees with prune_report.{key}={info[key]!r}.")
+        info[key] = value
+    return info or None
+
+
+# --------------------------------------------------------------------------------------------------
+# model card
+# --------------------------------------------------------------------------------------------------
+
+
+def _architecture(model: nn.Module) -> Optional[str]:
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    return archs[0] if archs else type(model).__name__
+
+
+_PREFERRED_AUTO = (
+    "AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification", "AutoModelForQuestionAnswering", "AutoModelForMaskedLM",
+    "AutoModelForImageClassification", "AutoModelForSpeechSeq2Seq",
+)
+
+
+def auto_class_for(config):
+    """The ``transformers`` Auto class whose mapping sends ``config.model_type`` to ``config.architectures[0]``
+    (task-specific classes first); ``AutoModel`` when there is no architecture or no match."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    archs = getattr(config, "architectures", None) or []
+    model_type = getattr(config, "model_type", None)
+    if archs and model_type:
+        others = sorted(n for n in dir(modeling_auto) if n.startswith("AutoModelFor") and n not in _PREFERRED_AUTO)
+        others.sort(key=lambda n: n == "AutoModelForPreTraining")  # generic: after every task class
+        for name in list(_PREFERRED_AUTO) + others + ["AutoModel"]:
+            auto_cls = getattr(modeling_auto, name, None)
+            mapping = getattr(getattr(auto_cls, "_model_mapping", None), "_model_mapping", None)
+            if not isinstance(mapping, dict):
+                continue
+            target = mapping.get(model_type)
+            targets = target if isinstance(target, (list, tuple)) else [target]
+            if archs[0] in targets:
+                return auto_cls
+    return transformers.AutoModel
+
+
+def _auto_class_name(model: nn.Module) -> str:
+    """Name of the transformers Auto class that maps this model's architecture (fallback ``AutoModel``)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "AutoModel"
+    return auto_class_for(config).__name__
+
+
+def _fmt_num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _sweep_markdown(runs: list) -> str:
+    from .reports import combine_sweeps
+
+    if len(runs) == 1:
+        return runs[0].to_markdown()
+    common = [m for m in runs[0].metrics if all(m in r.metrics for r in runs)]
+    return "\n\n".join(combine_sweeps(runs, metric).to_markdown() for metric in common)
+
+
+def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo_id: Optional[str],
+                sparsity_md: Optional[str], shrink_md: Optional[str], sweep_md: Optional[str],
+                sweep_png: Optional[str]):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(library_name="transformers", tags=list(CARD_TAGS), base_model=base_model)
+    title = repo_id.split("/")[-1] if repo_id else (f"Pruned {base_model}" if base_model else "Pruned model")
+    pruning, training = meta.get("pruning"), meta.get("targeted_dropout")
+    lines = [f"# {title}", ""]
+    intro = ("This model was pruned with [hf-tdrop](https://pypi.org/project/hf-tdrop/), Targeted Dropout "
+             "(Gomez et al., 2019, [arXiv:1905.13678](https://arxiv.org/abs/1905.13678)) for Hugging Face "
+             "Transformers.")
+    if base_model:
+        intro += f" Base model: [`{base_model}`](https://huggingface.co/{base_model})."
+    lines += [intro, "", "It is a plain `transformers` checkpoint: no hf-tdrop code is needed to load it.", ""]
+
+    rows = []
+    if pruning:
+        labels = {"mode": "pruning mode", "method": "pruning method", "sparsity": "target sparsity (per layer)",
+                  "pruned_fraction": "pruned fraction of targeted weights"}
+        for key, label in labels.items():
+            if key in pruning:
+                rows.append((label, _fmt_num(pruning[key])))
+        if "layers" in pruning:
+            rows.append(("pruned layers", str(len(pruning["layers"]))))
+    if training:
+        rows += [("targeted dropout α (alpha)", _fmt_num(training["alpha"])),
+                 ("targeted dropout γ (gamma)", _fmt_num(training["gamma"])),
+                 ("targeted dropout mode", training["mode"])]
+    if meta.get("schedule"):
+        rows.append(("schedule", f"`{json.dumps(meta['schedule'], sort_keys=True)}`"))
+    if rows:
+        lines += ["## Pruning", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
+        lines += ["", f"The full record is in [`{TDROP_CONFIG_NAME}`]({TDROP_CONFIG_NAME}).", ""]
+    if shrink_md:
+        lines += ["## Shrinking", "",
+                  "Dead feed-forward units (all-zero after unit pruning) were physically removed, so this is "
+                  "a smaller dense model computing the same outputs as the pruned one.", "", shrink_md, ""]
+    if sparsity_md:
+        totals = meta["sparsity"]["total"]
+        lines += ["## Sparsity", "",
+                  f"Over the {totals['n_layers']} supported layers: {totals['weight_sparsity']:.2%} of weights are "
+                  f"zero, {totals['unit_sparsity']:.2%} of units are all-zero.", "",
+                  "<details><summary>Per-layer sparsity</summary>", "", sparsity_md, "", "</details>", ""]
+    if sweep_md:
+        lines += ["## Pruning sweep", "", sweep_md, ""]
+        if sweep_png:
+            lines += [f"![pruning sweep]({sweep_png})", ""]
+    auto = _auto_class_name(model)
+    lines += ["## Usage", "", "```python", f"from transformers import {auto}", "",
+              f'model = {auto}.from_pretrained("{repo_id or "path/to/this/model"}")', "```", ""]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+
+def save_pruned(
+    model: nn.Module,
+    output_dir: PathLike,
+    *,
+    tokenizer_or_processor: Any = None,
+    sweep: Any = None,
+    prune_report: Any = None,
+    shrink_report: Any = None,
+    sparsity: Optional[float] = None,
+    mode: Optional[str] = None,
+    method: Optional[str] = None,
+    training_config: Any = None,
+    schedule: Optional[Mapping] = None,
+    base_model: Optional[str] = None,
+    overwrite: bool = False,
+    _repo_id: Optional[str] = None,
+) -> Path:
+    """Save a pruned model as a plain checkpoint plus ``tdrop_config.json`` and a model card.
+
+    Args:
+        model: a ``transformers`` ``PreTrainedModel`` (patched or not; pruned, shrunk or not).
+        output_dir: directory to write; created if missing. Must be empty unless ``overwrite=True``.
+        tokenizer_or_processor: anything with ``save_pretrained`` (tokenizer, image processor, processor).
+        sweep: a :class:`hf_tdrop.SweepResult` or a list of them: written as ``sweep.md/.csv/.json/.png``
+            and shown in the model card (several runs side by side, one table per shared metric).
+        prune_report: the :class:`hf_tdrop.PruneReport` returned by ``prune_model`` (mode, method,
+            sparsity and the pruned layer names go to ``tdrop_config.json``).
+        shrink_report: the :class:`hf_tdrop.ShrinkReport` returned by ``shrink_model``.
+        sparsity, mode, method: pruning settings, when no ``prune_report`` is given (must agree with it
+            otherwise). ``sparsity`` in [0, 1), ``mode`` in ``MODES``, ``method`` in ``METHODS``.
+        training_config: the :class:`TargetedDropoutConfig` (or its dict) used in training. Default: the
+            model's ``tdrop_config`` attribute set by ``patch_model`` (``unpatch_model`` removes it, so
+            pass it explicitly for an unpatched model).
+        schedule: the α/γ schedule used in training: a ``TargetingSchedule`` or a JSON-serialisable dict.
+            Default: ``training_config.extra["schedule"]`` when recorded there (``record_schedule``).
+        base_model: Hub id of the model this one derives from (model-card metadata).
+        overwrite: allow writing into a non-empty ``output_dir`` (files with the same names are replaced,
+            others are left alone).
+
+    Returns:
+        ``output_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: a bad argument or a non-empty ``output_dir`` without ``overwrite``. All arguments are
+            checked before anything is written.
+    """
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
+        raise ValueError(f"`model` must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}.")
+    out = _check_output_dir(output_dir, overwrite)
+    if tokenizer_or_processor is not None and not callable(getattr(tokenizer_or_processor, "save_pretrained", None)):
+        raise ValueError(
+            f"`tokenizer_or_processor` must have a save_pretrained method, got {type(tokenizer_or_processor).__name__}."
+        )
+    runs = _check_sweep(sweep)
+    from .shrink import ShrinkReport
+
+    if shrink_report is not None and not isinstance(shrink_report, ShrinkReport):
+        raise ValueError(f"`shrink_report` must be None or a ShrinkReport (from shrink_model), got {type(shrink_report).__name__}.")
+    pruning = _pruning_info(prune_report, sparsity, mode, method)
+    config = _check_training_config(model, training_config)
+    if schedule is not None and callable(getattr(schedule, "to_dict", None)):
+        schedule = schedule.to_dict()  # e.g. a TargetingSchedule
+    if schedule is not None and not isinstance(schedule, Mapping):
+        raise ValueError(f"`schedule` must be None, a dict or a TargetingSchedule, got {type(schedule).__name__}.")
+    if schedule is None and config is not None and isinstance(config.extra.get("schedule"), Mapping):
+        schedule = config.extra["schedule"]  # recorded by the Trainer callback / record_schedule
+    schedule = _json_ready("schedule", dict(schedule)) if schedule is not None else None
+    if base_model is not None and (not isinstance(base_model, str) or not base_model):
+        raise ValueError(f"`base_model` must be None or a Hub model id, got {base_model!r}.")
+
+    from . import __version__
+    from .reports import sparsity_report
+
+    report = sparsity_report(model)
+    meta = {
+        "format": TDROP_FORMAT,
+        "hf_tdrop_version": __version__,
+        "base_model": base_model,
+        "architecture": _architecture(model),
+        "pruning": pruning,
+        "targeted_dropout": config.to_dict() if config is not None else None,
+        "patched_layers": list(targeted_layers(model)) if is_patched(model) else None,
+        "schedule": schedule,
+        "sparsity": {"total": report.total, "total_excluding_heads": report.total_excluding_heads},
+        "shrink": shrink_report.to_dict() if shrink_report is not None else None,
+        "sweep": None,
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer_or_processor is not None:
+        tokenizer_or_processor.save_pretrained(out)
+    sweep_md = sweep_png = None
+    if runs:
+        sweep_md = _sweep_markdown(runs)
+        sweep_png = _write_sweep(runs, out)
+        meta["sweep"] = {"runs": [r.run_name for r in runs], "files": sorted(
+            p.name for p in out.iterdir() if p.name.startswith(SWEEP_PREFIX + "."))}
+    (out / TDROP_CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    card = _model_card(model, meta, base_model=base_model, repo_id=_repo_id, sparsity_md=report.to_markdown(),
+                       shrink_md=shrink_report.to_markdown() if shrink_report is not None else None,
+                       sweep_md=sweep_md, sweep_png=sweep_png)
+    card.save(out / MODEL_CARD_NAME)
+    return out
+
+
+def _write_sweep(runs: list, out: Path) -> Optional[str]:
+    """Write ``sweep.md/.csv/.json`` (+ ``.png`` if matplotlib works); returns the PNG name or None."""
+    from .reports import plot_sweeps
+
+    if len(runs) == 1:
+        try:
+            paths = runs[0].save(out, prefix=SWEEP_PREFIX)
+        except ImportError:
+            paths = runs[0].save(out, prefix=SWEEP_PREFIX, plot=False)
+        return paths["png"].name if "png" in paths else None
+    (out / f"{SWEEP_PREFIX}.md").write_text(_sweep_markdown(runs), encoding="utf-8")
+    (out / f"{SWEEP_PREFIX}.json").write_text(
+        json.dumps([r.to_dict() for r in runs], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        return plot_sweeps(runs, out / f"{SWEEP_PREFIX}.png").name
+    except ImportError:
+        return None
+
+
+def push_pruned_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: Optional[str] = None,
+    commit_message: str = "Upload model pruned with hf-tdrop",
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    **save_kwargs,
+):
+    """Save like :func:`save_pruned` (into a temporary directory) and upload it to the Hub repo ``repo_id``.
+
+    Args:
+        model: as in :func:`save_pruned`.
+        repo_id: ``"namespace/name"`` (or ``"name"``); created if missing (``exist_ok``).
+        private: create the repo as private (an existing repo's visibility is not changed).
+        token: Hub token; default: the usual places (``HF_TOKEN``, the ``hf auth login`` cache). It is
+            passed to ``huggingface_hub`` only: never printed, logged or written into the uploaded files.
+        commit_message, revision, create_pr: as in ``HfApi.upload_folder``.
+        **save_kwargs: ``tokenizer_or_processor``, ``sweep``, ``prune_report``, ``shrink_report``,
+            ``sparsity``, ``mode``, ``method``, ``training_config``, ``schedule``, ``base_model``.
+
+    Returns:
+        The ``CommitInfo`` of the upload (``.commit_url``, ``.oid``; ``.pr_url`` with ``create_pr``).
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"`repo_id` must be a non-empty string like 'user/name', got {repo_id!r}.")
+    validate_repo_id(repo_id)  # HFValidationError is a ValueError
+    for flag, value in (("private", private), ("create_pr", create_pr)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError("`token` must be None or a non-empty string.")
+    for forbidden in ("output_dir", "overwrite", "_repo_id"):
+        if forbidden in save_kwargs:
+            raise ValueError(f"push_pruned_to_hub does not take `{forbidden}` (it saves to a temporary directory).")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_tdrop_push_") as tmp:
+        save_pruned(model, tmp, _repo_id=repo_id, **save_kwargs)
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
+                                 commit_message=commit_message, revision=revision, create_pr=create_pr)
+    logger.info("Uploaded to https://huggingface.co/%s", repo_id)
+    return info

@@ -1,0 +1,199 @@
+"""The hf-tdrop command line: prune + shrink + report end to end, --help, bad arguments, fake push."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_bert, tiny_inputs, tiny_resnet
+
+from hf_tdrop import prune_model
+from hf_tdrop.cli import main
+from hf_tdrop.shrink import shrink_model
+
+SENTINEL = "hf_SENTINELcliToken0123456789"
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny BERT checkpoint directory (config with architectures, safetensors, tokenizer)."""
+    from test_hub import tiny_tokenizer
+
+    path = tmp_path / "ckpt"
+    model = tiny_bert().eval()
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_shrink_then_report_in_process(checkpoint, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "out"
+    code, stdout, _ = run(["prune", checkpoint, "--sparsity", "0.5", "--mode", "unit", "--shrink", "--output", out], capsys)
+    assert code == 0
+    assert "intermediate_size: 48 -> 24" in stdout and f"Saved to {out}" in stdout
+    assert {"model.safetensors", "config.json", "tdrop_config.json", "README.md", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+
+    # the same pipeline through the Python API gives the same model
+    reference = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    prune_model(reference, 0.5, mode="unit")
+    shrink_model(reference, measure_file_size=False)
+    shrunk = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert shrunk.config.intermediate_size == 24
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(**inputs).logits, reference(**inputs).logits, atol=0, rtol=0)
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert meta["pruning"]["mode"] == "unit" and meta["pruning"]["method"] == "magnitude"
+    assert meta["shrink"]["config_changes"] == {"intermediate_size": [48, 24]}
+    assert meta["base_model"] is None  # a local directory is not a Hub id
+
+    code, stdout, _ = run(["report", out, "--format", "json"], capsys)
+    assert code == 0
+    layers = {layer["name"]: layer for layer in json.loads(stdout)["layers"]}
+    assert layers["bert.encoder.layer.0.intermediate.dense"]["n_units"] == 24
+    assert layers["bert.encoder.layer.0.intermediate.dense"]["zero_units"] == 0
+    assert layers["bert.encoder.layer.0.attention.self.query"]["zero_units"] == 16
+    assert layers["classifier"]["is_head"] is True and layers["classifier"]["zero_units"] == 0
+
+    code, stdout, _ = run(["report", out], capsys)
+    assert code == 0 and "supported layers" in stdout and "| layer" in stdout
+
+
+def test_console_entry_in_subprocess(checkpoint, tmp_path):
+    out = tmp_path / "w30"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "hf_tdrop.cli", "prune", str(checkpoint), "--sparsity", "0.3",
+                           "--method", "random", "--seed", "3", "--output", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert meta["pruning"]["method"] == "random" and meta["pruning"]["mode"] == "weight"
+    # floor(0.3 * 32) = 9 of the 32 weights of every w_o of a 32-input layer are zero
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    zeros = (model.bert.encoder.layer[0].attention.self.query.weight == 0).sum(dim=1)
+    assert zeros.tolist() == [9] * 32
+    assert (model.classifier.weight != 0).all()
+
+
+def test_help_documents_every_flag(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "prune" in out and "report" in out
+    code, out, _ = run(["prune", "--help"], capsys)
+    assert code == 0
+    for flag in ("--sparsity", "--mode", "--method", "--target-modules", "--exclude-modules", "--seed", "--shrink",
+                 "--on-uneven", "--output", "--overwrite", "--push-to-hub", "--private", "--base-model"):
+        assert flag in out
+    code, out, _ = run(["report", "--help"], capsys)
+    assert code == 0 and "--format" in out and "--target-modules" in out
+
+
+BAD_PRUNE = [
+    (["--sparsity", "1.5", "--output", "{out}"], 2, "--sparsity must be in [0, 1)"),
+    (["--sparsity", "half", "--output", "{out}"], 2, "expected a number"),
+    (["--sparsity", "0.5", "--shrink", "--output", "{out}"], 2, "--shrink needs --mode unit"),
+    (["--sparsity", "0.5"], 2, "give --output DIR and/or --push-to-hub"),
+    (["--sparsity", "0.5", "--mode", "block", "--output", "{out}"], 2, "invalid choice: 'block'"),
+    (["--sparsity", "0.5", "--output", "{out}", "--push-to-hub", "a/b/c"], 2, "not a valid Hub repo id"),
+    (["--sparsity", "0.5", "--output", "{out}", "--private"], 2, "--private only applies with --push-to-hub"),
+    (["--sparsity", "0.5", "--output", "{out}", "--seed", "-1"], 2, "non-negative integer"),
+    (["--sparsity", "0.5", "--output", "{out}", "--target-modules", "nothing_like_this"], 2, "No layer matched"),
+    (["--sparsity", "0.5", "--output", "{busy}"], 2, "is not empty; pass --overwrite"),
+]
+
+
+@pytest.mark.parametrize("extra,code,message", BAD_PRUNE, ids=[m for _, _, m in BAD_PRUNE])
+def test_bad_prune_arguments_exit_nonzero_and_write_nothing(checkpoint, tmp_path, capsys, extra, code, message):
+    out, busy = tmp_path / "out", tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    argv = ["prune", checkpoint] + [a.format(out=out, busy=busy) for a in extra]
+    got, stdout, stderr = run(argv, capsys)
+    assert got == code
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+    assert not out.exists()
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+
+def test_bad_model_arguments(tmp_path, capsys):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    resnet = tmp_path / "resnet"
+    tiny_resnet().save_pretrained(resnet)
+    cases = [
+        (["prune", empty, "--sparsity", "0.5", "--output", out], 2, "has no config.json"),
+        (["prune", tmp_path / "no" / "such" / "dir", "--sparsity", "0.5", "--output", out], 2,
+         "neither an existing directory nor a valid Hub model id"),
+        (["prune", "no-such-model-offline", "--sparsity", "0.5", "--output", out], 1, "could not load the config"),
+        (["prune", resnet, "--sparsity", "0.5", "--mode", "unit", "--shrink", "--output", out], 2,
+         "does not support model type 'resnet'"),
+        (["report", empty], 2, "has no config.json"),
+        (["report", resnet, "--format", "yaml"], 2, "invalid choice: 'yaml'"),
+        ([], 2, "required"),
+    ]
+    for argv, code, message in cases:
+        got, _, stderr = run(argv, capsys)
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        assert got == code, (argv, stderr)
+        assert len(errors) == 1 and message in errors[0], (argv, stderr)
+        assert not out.exists()
+
+
+def test_prune_and_push_with_fake_hub(checkpoint, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    uploaded = tmp_path / "uploaded"
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls.append(("upload_folder", repo_id, kwargs))
+        shutil.copytree(folder_path, uploaded)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    code, stdout, stderr = run(["prune", checkpoint, "--sparsity", "0.5", "--mode", "unit", "--shrink",
+                                "--push-to-hub", "someone/cli-bert", "--private", "--base-model", "google-bert/bert-base-uncased"],
+                               capsys)
+    assert code == 0, stderr
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"] and calls[0][2]["private"] is True
+    assert {"model.safetensors", "config.json", "tdrop_config.json", "README.md"} <= {p.name for p in uploaded.iterdir()}
+    assert "base_model: google-bert/bert-base-uncased" in (uploaded / "README.md").read_text()
+    for path in uploaded.rglob("*"):
+        assert SENTINEL.encode() not in path.read_bytes()
+    assert SENTINEL not in stdout + stderr
+
+
+def test_auto_class_from_architectures_with_automodel_fallback():
+    import transformers
+    from transformers import GPT2Config, T5Config, ViTConfig
+
+    from hf_tdrop.hub import auto_class_for
+
+    assert auto_class_for(GPT2Config(architectures=["GPT2LMHeadModel"])) is transformers.AutoModelForCausalLM
+    assert auto_class_for(T5Config(architectures=["T5ForConditionalGeneration"])) is transformers.AutoModelForSeq2SeqLM
+    assert auto_class_for(ViTConfig(architectures=["ViTForImageClassification"])) is \
+        transformers.AutoModelForImageClassification
+    assert auto_class_for(GPT2Config(architectures=["GPT2Model"])) is transformers.AutoModel
+    assert auto_class_for(GPT2Config()) is transformers.AutoModel
+    assert auto_class_for(GPT2Config(architectures=["NotAClass"])) is transformers.AutoModel
