@@ -1,0 +1,592 @@
+#!/usr/bin/env python
+"""Targeted dropout on WMT14 English->German (Gomez et al., 2019, Table 5), with 🤗 Accelerate.
+
+Trains a Transformer translation model (from scratch by preset, or fine-tuning any seq2seq
+checkpoint) with or without targeted dropout, then sweeps magnitude pruning (weight and/or unit
+mode) and reports detokenised sacreBLEU and per-token accuracy at every pruning level, on the
+validation and test splits. In the style of transformers' ``run_translation_no_trainer.py``.
+
+    # the paper's setting, on the hub's WMT14 (needs network), any number of GPUs:
+    accelerate launch examples/wmt_en_de.py --model_preset transformer-base --vocab_size 32000 \\
+        --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --output_dir runs/wmt14-td
+
+    # offline, local parallel text (plain / gzipped / JSON lines), CPU:
+    accelerate launch --cpu examples/wmt_en_de.py --model_preset tiny \\
+        --train_files ../shared/data/multi30k/train.en.gz ../shared/data/multi30k/train.de.gz \\
+        --validation_files ../shared/data/multi30k/val.en.gz ../shared/data/multi30k/val.de.gz \\
+        --test_files ../shared/data/wmt14/newstest2014.en.gz ../shared/data/wmt14/newstest2014.de.gz \\
+        --output_dir runs/m30k-td --td_mode weight
+
+    # put several finished runs side by side (paper-shaped tables + plot):
+    python examples/wmt_en_de.py --combine_runs runs/m30k-none runs/m30k-td --output_dir results/wmt_en_de
+
+Run with ``--help`` for every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    MarianConfig,
+    MarianMTModel,
+    SchedulerType,
+    get_scheduler,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from translation_data import load_translation_splits, train_joint_tokenizer  # noqa: E402
+
+from hf_tdrop import (  # noqa: E402
+    MODES,
+    TargetingSchedule,
+    TargetingScheduler,
+    combine_sweeps,
+    patch_model,
+    plot_sweeps,
+    prune_sweep,
+    SweepResult,
+)
+from hf_tdrop.schedules import SCHEDULE_KINDS  # noqa: E402
+
+logger = get_logger(__name__)
+
+# Architecture presets (MarianMTModel built from a config: post-norm Transformer, sinusoidal
+# positions, shared source/target/output embeddings). "transformer-base" is Vaswani et al.'s base
+# model used in the paper; "tiny" is sized to train on a couple of CPU cores.
+MODEL_PRESETS = {
+    "transformer-base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+                             decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
+                             dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
+                             learning_rate=7e-4, num_warmup_steps=4000),
+    "tiny": dict(d_model=128, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512,
+                 dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
+                 learning_rate=1e-3, num_warmup_steps=200),
+}
+TD_MODES = ("none",) + tuple(MODES)
+SWEEP_FILE = "sweep-{split}-{mode}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default="wmt14", help="`datasets` hub id (ignored when local files are given).")
+    g.add_argument("--dataset_config_name", default="de-en", help="Config of --dataset_name.")
+    g.add_argument("--train_files", nargs="+", help="Local training data: one JSON lines file in the HF translation "
+                   "schema ({'translation': {'en': ..., 'de': ...}}), or two parallel plain-text files "
+                   "(optionally .gz; language from the name, e.g. train.en.gz, else source first).")
+    g.add_argument("--validation_files", nargs="+", help="Local validation data (same formats as --train_files).")
+    g.add_argument("--test_files", nargs="+", help="Local test data, e.g. newstest2014.en.gz newstest2014.de.gz.")
+    g.add_argument("--source_lang", default="en", help="Source language code.")
+    g.add_argument("--target_lang", default="de", help="Target language code.")
+    g.add_argument("--source_prefix", default="", help="Text prepended to every source (e.g. 'translate English to German: ' for T5).")
+    g.add_argument("--max_train_samples", type=int, help="Keep the first N training pairs (debugging / CPU runs).")
+    g.add_argument("--max_eval_samples", type=int, help="Evaluate on the first N validation pairs.")
+    g.add_argument("--max_test_samples", type=int, help="Evaluate on the first N test pairs.")
+    g.add_argument("--max_source_length", type=int, default=128, help="Truncate sources to this many tokens.")
+    g.add_argument("--max_target_length", type=int, default=128,
+                   help="Truncate training targets to this many tokens; also the generation length limit.")
+    g.add_argument("--preprocessing_num_workers", type=int, help="Processes for tokenising the data.")
+    g.add_argument("--cache_dir", help="`datasets` cache directory.")
+
+    g = p.add_argument_group("tokenizer and model")
+    g.add_argument("--model_name_or_path", help="Fine-tune this seq2seq checkpoint (e.g. Helsinki-NLP/opus-mt-en-de, "
+                   "t5-small, or a previous --output_dir) instead of building --model_preset from scratch.")
+    g.add_argument("--model_preset", choices=sorted(MODEL_PRESETS), default="transformer-base",
+                   help="Architecture of a from-scratch model (transformer-base: 6+6 layers, d_model 512, FFN 2048, "
+                   "8 heads; tiny: 3+3 layers, d_model 128, FFN 512, 4 heads).")
+    g.add_argument("--tokenizer_name", help="Pretrained tokenizer (default: the one of --model_name_or_path, else a "
+                   "joint BPE vocabulary trained on the training data with `tokenizers`).")
+    g.add_argument("--vocab_size", type=int, default=8000, help="Size of the trained joint BPE vocabulary.")
+    g.add_argument("--dropout", type=float, help="Override the preset's (standard) dropout rate.")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--do_train", action=argparse.BooleanOptionalAction, default=True, help="Train (else only evaluate).")
+    g.add_argument("--per_device_train_batch_size", type=int, default=64, help="Sentence pairs per device per step.")
+    g.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Sentences per device in evaluation.")
+    g.add_argument("--learning_rate", type=float, help="Peak learning rate (default: the preset's, 5e-5 for fine-tuning).")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    g.add_argument("--adam_beta2", type=float, default=0.98, help="Adam β2 (Vaswani et al.: 0.98).")
+    g.add_argument("--label_smoothing", type=float, default=0.1, help="Label smoothing of the cross-entropy.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 = off).")
+    g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (overridden by --max_train_steps).")
+    g.add_argument("--max_train_steps", type=int, help="Total optimizer updates.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer update.")
+    g.add_argument("--lr_scheduler_type", type=SchedulerType, default="inverse_sqrt",
+                   choices=[s.value for s in SchedulerType], help="LR schedule (the paper's: inverse_sqrt with warm-up).")
+    g.add_argument("--num_warmup_steps", type=int, help="LR warm-up updates (default: the preset's, 0 for fine-tuning).")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Mixed precision (default: accelerate config).")
+    g.add_argument("--seed", type=int, default=42, help="Random seed.")
+    g.add_argument("--checkpointing_steps", help="Save the full training state every N updates, or 'epoch'.")
+    g.add_argument("--resume_from_checkpoint", help="A state folder written by --checkpointing_steps, or 'latest'.")
+    g.add_argument("--logging_steps", type=int, default=50, help="Log loss / lr / α, γ every N updates.")
+
+    g = p.add_argument_group("targeted dropout")
+    g.add_argument("--td_mode", choices=TD_MODES, default="none", help="Targeted dropout granularity ('none' = off).")
+    g.add_argument("--td_alpha", type=float, default=0.66, help="Drop probability α of a targeted weight/unit.")
+    g.add_argument("--td_gamma", type=float, default=0.75, help="Targeted fraction γ.")
+    g.add_argument("--td_schedule", choices=list(SCHEDULE_KINDS), default="constant",
+                   help="How α and γ reach their targets (hf_tdrop.TargetingSchedule kind).")
+    g.add_argument("--td_ramp_fraction", type=float, help="Ramp length as a fraction of the training updates.")
+    g.add_argument("--td_ramp_steps", type=int, help="Ramp length in updates.")
+    g.add_argument("--td_delay_steps", type=int, default=0, help="Updates without targeted dropout before the ramp.")
+    g.add_argument("--td_target_modules", nargs="+", help="Layers to target (names, dotted suffixes or regexes; "
+                   "default every Linear except the output head).")
+
+    g = p.add_argument_group("evaluation and pruning sweep")
+    g.add_argument("--do_sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="After training, evaluate at every pruning level of --sweep_sparsities.")
+    g.add_argument("--sweep_modes", nargs="+", choices=list(MODES), default=["weight"], help="Pruning modes to sweep.")
+    g.add_argument("--sweep_sparsities", nargs="+", type=float,
+                   default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], help="Pruning levels.")
+    g.add_argument("--eval_splits", nargs="+", default=["validation", "test"], help="Splits to evaluate.")
+    g.add_argument("--num_beams", type=int, default=4, help="Beam size (1 = greedy).")
+    g.add_argument("--length_penalty", type=float, default=0.6, help="Beam search length penalty.")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", required=True, help="Where the model, tokenizer, sweeps and translations go.")
+    g.add_argument("--run_name", help="Column label in the sweep tables (default: 'none' or 'targeted α=… γ=…').")
+    g.add_argument("--push_to_hub", action="store_true", help="Push the model pruned to --push_sparsity to the Hub.")
+    g.add_argument("--hub_model_id", help="Hub repo id for --push_to_hub.")
+    g.add_argument("--push_sparsity", type=float, default=0.0, help="Sparsity of the pushed model.")
+    g.add_argument("--push_mode", choices=list(MODES), default="weight", help="Pruning mode of the pushed model.")
+    g.add_argument("--combine_runs", nargs="+", help="Only combine the sweeps of these finished --output_dir's into "
+                   "paper-shaped tables and plots in --output_dir (no training, no evaluation).")
+    args = p.parse_args(argv)
+    validate_args(p, args)
+    return args
+
+
+def validate_args(parser, args):
+    if args.combine_runs:
+        return
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "num_beams", "vocab_size", "max_source_length", "max_target_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("td_alpha", "td_gamma"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
+    if any(not 0.0 <= s < 1.0 for s in args.sweep_sparsities):
+        parser.error(f"--sweep_sparsities must be in [0, 1), got {args.sweep_sparsities}.")
+    if args.td_schedule != "constant" and (args.td_ramp_fraction is None) == (args.td_ramp_steps is None):
+        parser.error(f"--td_schedule {args.td_schedule} needs exactly one of --td_ramp_fraction / --td_ramp_steps.")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id.")
+    if not args.do_train and not args.model_name_or_path:
+        parser.error("--no-do_train needs --model_name_or_path (a trained model to evaluate).")
+
+
+# --------------------------------------------------------------------------------------------------
+# model and tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(args, tokenizer):
+    """Pretrained seq2seq model, or a MarianMTModel built from ``args.model_preset``."""
+    if args.model_name_or_path:
+        return AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path)
+    preset = {k: v for k, v in MODEL_PRESETS[args.model_preset].items() if k not in ("learning_rate", "num_warmup_steps")}
+    if args.dropout is not None:
+        preset["dropout"] = args.dropout
+    config = MarianConfig(
+        vocab_size=len(tokenizer), decoder_vocab_size=len(tokenizer), max_position_embeddings=max(
+            args.max_source_length, args.max_target_length) + 2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+        scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+        activation_function="relu", **preset)
+    model = MarianMTModel(config)
+    model.generation_config.bad_words_ids = None
+    return model
+
+
+def get_tokenizer(args, raw, accelerator):
+    if args.tokenizer_name or args.model_name_or_path:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+    if "train" not in raw:
+        raise ValueError("Training a tokenizer needs training data: give --train_files (or a --dataset_name with a "
+                         "train split) or a pretrained --tokenizer_name.")
+    # Deterministic: every process trains the same vocabulary on the same data.
+    logger.info(f"Training a joint BPE vocabulary of {args.vocab_size} on {len(raw['train'])} pairs")
+    return train_joint_tokenizer(raw["train"], [args.source_lang, args.target_lang], args.vocab_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def make_eval_dataloader(dataset, collator, args, accelerator):
+    """Length-sorted (fast generation) eval loader; ``idx`` keeps the original order."""
+    dataset = dataset.sort("src_len", reverse=True)
+    loader = DataLoader(dataset.remove_columns(["src_len"]), collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+    return accelerator.prepare(loader)
+
+
+@torch.no_grad()
+def evaluate(model, loader, tokenizer, references, sources, args, accelerator, translations_path=None):
+    """Corpus sacreBLEU (detokenised) and teacher-forced per-token accuracy on one split.
+
+    Returns ``{"bleu": ..., "token_accuracy": ...}`` on every process; the main process writes
+    ``translations_path`` (TSV: source, reference, hypothesis in the split's order)."""
+    import sacrebleu
+
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    hyps: dict[int, str] = {}
+    correct = total = 0
+    gen_kwargs = dict(max_new_tokens=args.max_target_length, num_beams=args.num_beams,
+                      length_penalty=args.length_penalty, early_stopping=True)
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
+        labels = batch["labels"]
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    decoder_input_ids=unwrapped.prepare_decoder_input_ids_from_labels(labels=labels))
+        mask = labels.ne(-100)
+        per_example = torch.stack([(out.logits.argmax(-1).eq(labels) & mask).sum(1), mask.sum(1)], dim=1)
+        per_example = accelerator.gather_for_metrics(per_example)
+        correct += int(per_example[:, 0].sum())
+        total += int(per_example[:, 1].sum())
+        generated = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **gen_kwargs)
+        generated = accelerator.pad_across_processes(generated, dim=1, pad_index=tokenizer.pad_token_id)
+        generated, idx = accelerator.gather_for_metrics((generated, batch["idx"]))
+        for i, text in zip(idx.tolist(), tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            hyps[i] = text.strip()
+    if len(hyps) != len(references):
+        raise RuntimeError(f"Got {len(hyps)} translations for {len(references)} references.")
+    ordered = [hyps[i] for i in range(len(references))]
+    bleu = sacrebleu.BLEU()
+    score = bleu.corpus_score(ordered, [references])
+    if translations_path is not None and accelerator.is_main_process:
+        Path(translations_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(translations_path, "w", encoding="utf-8") as f:
+            f.write("source\treference\thypothesis\n")
+            for s, r, h in zip(sources, references, ordered):
+                f.write(f"{s}\t{r}\t{h}\n")
+    return {"bleu": score.score, "token_accuracy": correct / max(total, 1)}, bleu.get_signature()
+
+
+def run_name_of(args):
+    if args.run_name:
+        return args.run_name
+    return "none" if args.td_mode == "none" else f"targeted α={args.td_alpha:g} γ={args.td_gamma:g}"
+
+
+def combine_runs(args):
+    """Write paper-shaped tables (rows = prune %, columns = runs) for every split/mode/metric."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    found: dict[str, list] = {}
+    for run_dir in args.combine_runs:
+        files = sorted(Path(run_dir).glob("sweeps/sweep-*.json"))
+        if not files:
+            raise FileNotFoundError(f"--combine_runs: no sweeps/sweep-*.json in {run_dir!r} (is the run finished?).")
+        for f in files:
+            found.setdefault(f.stem, []).append(SweepResult.from_json(f))
+    names = [SweepResult.from_json(next(Path(d).glob("sweeps/sweep-*.json"))).run_name for d in args.combine_runs]
+    if len(set(names)) != len(names):  # same run names: label the columns by run folder (then by position)
+        names = [f"{Path(d).name}: {n}" for d, n in zip(args.combine_runs, names)]
+        if len(set(names)) != len(names):
+            names = [f"{i + 1}. {n}" for i, n in enumerate(names)]
+    summary = {}
+    for stem, results in sorted(found.items()):
+        if len(results) != len(args.combine_runs):
+            logger.warning(f"{stem}: only {len(results)} of {len(args.combine_runs)} runs have it; skipped")
+            continue
+        for metric in results[0].metric_names():
+            table = combine_sweeps(results, metric, labels=names)
+            name = f"{stem.replace('sweep-', 'table-')}-{metric}"
+            (out / f"{name}.md").write_text(table.to_markdown(float_format=".2f" if metric == "bleu" else ".4f") + "\n")
+            table.to_csv(out / f"{name}.csv")
+            table.to_json(out / f"{name}.json")
+            summary[name] = table.to_dict()
+        plot_sweeps(results, out / f"{stem.replace('sweep-', 'plot-')}.png", labels=names, title=stem.replace("sweep-", ""))
+        print(f"\n## {stem}\n")
+        for metric in results[0].metric_names():
+            print(combine_sweeps(results, metric, labels=names).to_markdown(float_format=".2f" if metric == "bleu" else ".4f"), "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.combine_runs:
+        logging.basicConfig(format="%(message)s", level=logging.INFO)
+        combine_runs(args)
+        return
+    # A seedable sampler makes the shuffling a function of (seed, epoch), so a resumed run sees the
+    # same batches as an uninterrupted one.
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+    t_start = time.time()
+
+    # ---------------------------------------------------------------- data
+    raw = load_translation_splits(
+        source_lang=args.source_lang, target_lang=args.target_lang, dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name, train_files=args.train_files,
+        validation_files=args.validation_files, test_files=args.test_files, cache_dir=args.cache_dir,
+        max_samples={"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples})
+    if args.do_train and "train" not in raw:
+        raise ValueError("--do_train needs a train split (--train_files or --dataset_name).")
+    eval_splits = [s for s in args.eval_splits if s in raw] if args.do_sweep else []
+    missing = [s for s in args.eval_splits if s not in raw] if args.do_sweep else []
+    if missing:
+        logger.warning(f"No data for eval split(s) {missing}; they are skipped")
+    tokenizer = get_tokenizer(args, raw, accelerator)
+    model = build_model(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"Model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+
+    src, tgt, prefix = args.source_lang, args.target_lang, args.source_prefix
+
+    def preprocess(examples, indices):
+        sources = [prefix + ex[src] for ex in examples["translation"]]
+        targets = [ex[tgt] for ex in examples["translation"]]
+        enc = tokenizer(sources, text_target=targets, max_length=args.max_source_length, truncation=True)
+        if args.max_target_length != args.max_source_length:
+            labels = tokenizer(text_target=targets, max_length=args.max_target_length, truncation=True)
+            enc["labels"] = labels["input_ids"]
+        enc["idx"] = indices
+        enc["src_len"] = [len(x) for x in enc["input_ids"]]
+        return enc
+
+    with accelerator.main_process_first():
+        processed = {
+            split: raw[split].map(preprocess, batched=True, with_indices=True, remove_columns=["translation"],
+                                  num_proc=args.preprocessing_num_workers, desc=f"Tokenising {split}")
+            for split in raw}
+    collator = DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=-100,
+                                      pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
+
+    # ---------------------------------------------------------------- targeted dropout
+    if args.td_mode != "none":
+        patch_model(model, alpha=args.td_alpha, gamma=args.td_gamma, mode=args.td_mode,
+                    target_modules=args.td_target_modules)
+    run_name = run_name_of(args)
+    preset = MODEL_PRESETS[args.model_preset] if not args.model_name_or_path else {}
+    lr = args.learning_rate if args.learning_rate is not None else preset.get("learning_rate", 5e-5)
+    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else preset.get("num_warmup_steps", 0)
+
+    if args.do_train:
+        train_set = processed["train"].remove_columns(["idx", "src_len"])
+        # Own generator: starting an epoch's iterator must not draw from the global RNG (which
+        # drives dropout / targeted-dropout masks and is restored exactly by load_state).
+        train_loader = DataLoader(train_set, shuffle=True, collate_fn=collator,
+                                  batch_size=args.per_device_train_batch_size,
+                                  generator=torch.Generator().manual_seed(args.seed))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, args.adam_beta2), eps=1e-9,
+                                      weight_decay=args.weight_decay)
+        # Like run_translation_no_trainer: count updates after sharding across processes.
+        updates_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes)
+                                      / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+        lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                                     num_warmup_steps=warmup * accelerator.num_processes,
+                                     num_training_steps=max_train_steps * accelerator.num_processes)
+        model, optimizer, train_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, lr_scheduler)
+        updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+        num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+        td_scheduler = None
+        if args.td_mode != "none":
+            schedule = TargetingSchedule(alpha=args.td_alpha, gamma=args.td_gamma, kind=args.td_schedule,
+                                         ramp_steps=args.td_ramp_steps if args.td_schedule != "constant" else None,
+                                         ramp_fraction=args.td_ramp_fraction if args.td_schedule != "constant" else None,
+                                         delay_steps=args.td_delay_steps)
+            td_scheduler = TargetingScheduler(model, schedule, total_steps=max_train_steps)
+            accelerator.register_for_checkpointing(td_scheduler)
+        checkpointing_steps = args.checkpointing_steps
+        if checkpointing_steps is not None and checkpointing_steps != "epoch":
+            if not checkpointing_steps.isdigit() or int(checkpointing_steps) < 1:
+                raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {checkpointing_steps!r}.")
+            checkpointing_steps = int(checkpointing_steps)
+
+        total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info("***** Running training *****")
+        logger.info(f"  Num examples = {len(train_set)}")
+        logger.info(f"  Num Epochs = {num_epochs}")
+        logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+        logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
+        logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+        logger.info(f"  Total optimization steps = {max_train_steps}")
+        logger.info(f"  Targeted dropout: {args.td_mode}" + (
+            "" if td_scheduler is None else f" ({td_scheduler.schedule.to_dict()})"))
+
+        completed_steps, starting_epoch, resume_step = 0, 0, None
+        if args.resume_from_checkpoint:
+            path = args.resume_from_checkpoint
+            if path == "latest":
+                dirs = sorted((d for d in output_dir.glob("step_*")), key=lambda d: int(d.name.split("_")[1]))
+                dirs += sorted(output_dir.glob("epoch_*"), key=lambda d: int(d.name.split("_")[1]))
+                if not dirs:
+                    raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_*/epoch_* folder in {output_dir}.")
+                path = str(max(dirs, key=os.path.getmtime))
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"--resume_from_checkpoint: no such folder {path!r}.")
+            accelerator.print(f"Resumed from checkpoint: {path}")
+            accelerator.load_state(path)
+            name = Path(path).name
+            if name.startswith("epoch_"):
+                starting_epoch = int(name.split("_")[1]) + 1
+                completed_steps = starting_epoch * updates_per_epoch
+            else:
+                completed_steps = int(name.split("_")[1])
+                starting_epoch = completed_steps // updates_per_epoch
+                resume_step = (completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
+
+        progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process, desc="train")
+        progress_bar.update(completed_steps)
+        history = []
+        running, running_n = 0.0, 0
+        t_train = time.time()
+        for epoch in range(starting_epoch, num_epochs):
+            if completed_steps >= max_train_steps:  # resumed from a state at (or past) the last update
+                break
+            model.train()
+            loader = train_loader
+            if resume_step is not None and epoch == starting_epoch:
+                loader = accelerator.skip_first_batches(train_loader, resume_step)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    labels = batch["labels"]
+                    decoder_input_ids = accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=labels)
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   decoder_input_ids=decoder_input_ids).logits
+                    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
+                                                             ignore_index=-100, label_smoothing=args.label_smoothing)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                running += loss.detach().float().item()
+                running_n += 1
+                if accelerator.sync_gradients:
+                    completed_steps += 1
+                    progress_bar.update(1)
+                    if td_scheduler is not None:
+                        td_scheduler.step()
+                    if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
+                        mean = accelerator.gather(torch.tensor([running / max(running_n, 1)],
+                                                               device=accelerator.device)).mean().item()
+                        entry = {"step": completed_steps, "epoch": epoch, "loss": round(mean, 4),
+                                 "lr": lr_scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t_train, 1)}
+                        if td_scheduler is not None:
+                            entry.update(td_scheduler.get_last_targeting())
+                        history.append(entry)
+                        logger.info(json.dumps(entry))
+                        progress_bar.set_postfix(loss=f"{mean:.3f}")
+                        running, running_n = 0.0, 0
+                    if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
+                        accelerator.save_state(str(output_dir / f"step_{completed_steps}"))
+                if completed_steps >= max_train_steps:
+                    break
+            if checkpointing_steps == "epoch":
+                accelerator.save_state(str(output_dir / f"epoch_{epoch}"))
+            if completed_steps >= max_train_steps:
+                break
+        progress_bar.close()
+        train_seconds = time.time() - t_train
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
+            tokenizer.save_pretrained(output_dir)
+            (output_dir / "train_history.json").write_text(json.dumps(
+                {"history": history, "train_seconds": train_seconds, "completed_steps": completed_steps,
+                 "num_processes": accelerator.num_processes, "parameters": n_params}, indent=2) + "\n")
+        logger.info(f"Training done in {train_seconds:.0f}s ({completed_steps} updates); model saved to {output_dir}")
+    else:
+        model = accelerator.prepare(model)
+
+    # ---------------------------------------------------------------- pruning sweeps
+    summary = {"run_name": run_name, "sweeps": {}}
+    for split in eval_splits:
+        loader = make_eval_dataloader(processed[split], collator, args, accelerator)
+        references = [ex[tgt] for ex in raw[split]["translation"]]
+        sources = [ex[src] for ex in raw[split]["translation"]]
+        for mode in args.sweep_modes:
+            levels = list(args.sweep_sparsities)
+            calls = iter(levels)
+            signature = {}
+
+            def evaluate_fn(m, split=split, mode=mode):
+                level = next(calls)
+                path = output_dir / "translations" / f"{split}-{mode}-{round(100 * level):02d}.tsv"
+                metrics, sig = evaluate(model, loader, tokenizer, references, sources, args, accelerator, path)
+                signature["sacrebleu"] = sig
+                logger.info(f"[{split}] {mode} pruning {100 * level:.0f}%: BLEU {metrics['bleu']:.2f}, "
+                            f"token accuracy {metrics['token_accuracy']:.4f}")
+                return metrics
+
+            t0 = time.time()
+            result = prune_sweep(accelerator.unwrap_model(model), evaluate_fn, levels, mode=mode, run_name=run_name,
+                                 progress=accelerator.is_local_main_process)
+            seconds = time.time() - t0
+            logger.info(f"sacreBLEU signature: {signature.get('sacrebleu')}")
+            if accelerator.is_main_process:
+                result.save(output_dir / "sweeps", prefix=SWEEP_FILE.format(split=split, mode=mode))
+                accelerator.print(f"\n[{split}, {len(references)} sentences, {mode} pruning, {run_name}]\n{result}\n")
+            summary["sweeps"][f"{split}-{mode}"] = {"n_sentences": len(references), "seconds": round(seconds, 1),
+                                                    "sacrebleu_signature": signature.get("sacrebleu"),
+                                                    **result.to_dict()}
+        accelerator.wait_for_everyone()
+    summary["total_seconds"] = round(time.time() - t_start, 1)
+    if accelerator.is_main_process:
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+    if args.push_to_hub and accelerator.is_main_process:
+        from hf_tdrop import prune_model
+        from hf_tdrop.hub import push_pruned_to_hub
+
+        unwrapped = accelerator.unwrap_model(model)
+        report = prune_model(unwrapped, args.push_sparsity, mode=args.push_mode)
+        sweeps = [SweepResult.from_json(f) for f in sorted((output_dir / "sweeps").glob("sweep-*.json"))] or None
+        info = push_pruned_to_hub(unwrapped, args.hub_model_id, tokenizer_or_processor=tokenizer, sweep=sweeps,
+                                  prune_report=report, base_model=args.model_name_or_path)
+        logger.info(f"Pushed to {info.commit_url}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

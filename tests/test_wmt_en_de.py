@@ -1,0 +1,165 @@
+"""End-to-end tests of examples/wmt_en_de.py on a few hundred real Multi30K pairs (../shared/data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, require_shared_data
+
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+import wmt_en_de  # noqa: E402
+
+SCRIPT = REPO_ROOT / "examples" / "wmt_en_de.py"
+LEVELS = ["0", "0.5", "0.9"]
+
+
+def data_args(n_train=300, n_eval=12):
+    d = require_shared_data("multi30k")
+    return ["--train_files", str(d / "train.en.gz"), str(d / "train.de.gz"),
+            "--validation_files", str(d / "val.en.gz"), str(d / "val.de.gz"),
+            "--max_train_samples", str(n_train), "--max_eval_samples", str(n_eval)]
+
+
+def small_args(out, steps=4, *extra):
+    return [*data_args(), "--model_preset", "tiny", "--vocab_size", "300", "--per_device_train_batch_size", "16",
+            "--per_device_eval_batch_size", "8", "--max_train_steps", str(steps), "--max_source_length", "24",
+            "--max_target_length", "12", "--logging_steps", "1", "--num_beams", "2", "--eval_splits", "validation",
+            "--sweep_sparsities", *LEVELS, "--output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def td_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wmt") / "td"
+    wmt_en_de.main(small_args(out, 4, "--td_mode", "weight", "--td_alpha", "0.66", "--td_gamma", "0.75"))
+    return out
+
+
+def test_end_to_end_files_and_metrics(td_run):
+    out = td_run
+    for name in ("tokenizer.json", "config.json", "model.safetensors", "args.json", "train_history.json", "results.json"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "train_history.json").read_text())
+    assert history["completed_steps"] == 4 and [h["step"] for h in history["history"]] == [1, 2, 3, 4]
+    assert all(h["alpha"] == 0.66 and h["gamma"] == 0.75 for h in history["history"])  # constant schedule
+    # the tokenizer was trained on the data and saved with the model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) <= 300 and tok.decode(tok("Ein Hund läuft.").input_ids, skip_special_tokens=True) == "Ein Hund läuft."
+    # sweep tables / plot written, one row per level, BLEU and token accuracy at each
+    for ext in ("md", "csv", "json", "png"):
+        assert (out / "sweeps" / f"sweep-validation-weight.{ext}").is_file()
+    sweep = json.loads((out / "sweeps" / "sweep-validation-weight.json").read_text())
+    assert sweep["sparsities"] == [0.0, 0.5, 0.9] and sweep["run_name"] == "targeted α=0.66 γ=0.75"
+    assert set(sweep["metrics"]) == {"bleu", "token_accuracy"}
+    assert all(0.0 <= v <= 100.0 for v in sweep["metrics"]["bleu"])
+    assert all(0.0 <= v <= 1.0 for v in sweep["metrics"]["token_accuracy"])
+    assert sweep["pruned_fraction"][0] == 0.0 and 0.85 < sweep["pruned_fraction"][2] <= 0.9
+    results = json.loads((out / "results.json").read_text())
+    assert results["sweeps"]["validation-weight"]["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert results["sweeps"]["validation-weight"]["n_sentences"] == 12
+    # translations saved per level, in the split's order, next to source and reference
+    for pct in ("00", "50", "90"):
+        lines = (out / "translations" / f"validation-weight-{pct}.tsv").read_text(encoding="utf-8").splitlines()
+        assert lines[0] == "source\treference\thypothesis" and len(lines) == 13
+        assert lines[1].split("\t")[:2] == ["A group of men are loading cotton onto a truck",
+                                            "Eine Gruppe von Männern lädt Baumwolle auf einen Lastwagen"]
+
+
+def test_saved_model_is_plain_and_unpruned_and_eval_only_reproduces_bleu(td_run, tmp_path):
+    """The checkpoint is written before the sweep (unpruned, no hf-tdrop class inside), and re-evaluating
+    it with --no-do_train gives the same metrics at each level (the sweep restored the weights)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(td_run / "model.safetensors")
+    w = weights["model.encoder.layers.0.fc1.weight"]
+    assert (w == 0).float().mean() < 0.05
+    out = tmp_path / "eval"
+    wmt_en_de.main([*data_args(), "--no-do_train", "--model_name_or_path", str(td_run), "--num_beams", "2",
+                    "--max_source_length", "24", "--max_target_length", "12", "--per_device_eval_batch_size", "8",
+                    "--eval_splits", "validation", "--sweep_sparsities", *LEVELS, "--run_name", "again",
+                    "--output_dir", str(out)])
+    first = json.loads((td_run / "sweeps" / "sweep-validation-weight.json").read_text())["metrics"]
+    again = json.loads((out / "sweeps" / "sweep-validation-weight.json").read_text())["metrics"]
+    assert again["token_accuracy"] == pytest.approx(first["token_accuracy"], abs=1e-6)
+    assert again["bleu"] == pytest.approx(first["bleu"], abs=1e-6)
+
+
+def test_combine_runs_writes_paper_tables(td_run, tmp_path):
+    wmt_en_de.main(["--combine_runs", str(td_run), str(td_run), "--output_dir", str(tmp_path)])
+    table = json.loads((tmp_path / "table-validation-weight-bleu.json").read_text())
+    assert table["sparsities"] == [0.0, 0.5, 0.9] and len(table["columns"]) == 2
+    assert (tmp_path / "table-validation-weight-bleu.md").read_text().count("\n") >= 4
+    assert (tmp_path / "plot-validation-weight.png").is_file()
+    with pytest.raises(FileNotFoundError, match="no sweeps/sweep-"):
+        wmt_en_de.main(["--combine_runs", str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
+
+
+def test_resume_continues_the_same_schedule(tmp_path):
+    ramp = ["--td_mode", "weight", "--td_schedule", "linear", "--td_ramp_steps", "4", "--no-do_sweep"]
+    full = tmp_path / "full"
+    wmt_en_de.main(small_args(full, 4, *ramp))
+    part = tmp_path / "part"
+    wmt_en_de.main(small_args(part, 4, *ramp, "--checkpointing_steps", "2"))
+    assert (part / "step_2").is_dir() and (part / "step_4").is_dir()
+    resumed = tmp_path / "resumed"
+    wmt_en_de.main(small_args(resumed, 4, *ramp, "--resume_from_checkpoint", str(part / "step_2")))
+    hist_full = json.loads((full / "train_history.json").read_text())["history"]
+    hist_res = json.loads((resumed / "train_history.json").read_text())["history"]
+    # the resumed run does only updates 3 and 4, with the schedule's α/γ at those steps
+    assert [h["step"] for h in hist_res] == [3, 4]
+    assert [(h["alpha"], h["gamma"]) for h in hist_res] == [(h["alpha"], h["gamma"]) for h in hist_full[2:]]
+    assert hist_res[-1]["alpha"] == 0.66 and hist_res[-1]["gamma"] == 0.75
+    assert hist_full[0]["alpha"] == pytest.approx(0.66 / 4)  # linear ramp: α(1) = α_t / 4
+    assert [h["lr"] for h in hist_res] == [h["lr"] for h in hist_full[2:]]  # LR schedule resumed too
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "resumed training diverged from the full run"
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (["--validation_files", "/nonexistent/v.en", "/nonexistent/v.de"], FileNotFoundError, "file not found"),
+    (["--source_lang", "fr"], ValueError,
+     r"--train_files: the file names say languages \['en', 'de'\] but --source_lang/--target_lang are 'fr'/'de'"),
+])
+def test_bad_inputs_fail_before_training(tmp_path, bad, error, match):
+    args = small_args(tmp_path / "o", 1) + bad
+    with pytest.raises(error, match=match):
+        wmt_en_de.main(args)
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_mismatched_line_counts_cli(tmp_path):
+    d = require_shared_data("multi30k")
+    short = tmp_path / "short.de"
+    short.write_text("Ein Hund.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--validation_files: parallel files have different line counts"):
+        wmt_en_de.main(small_args(tmp_path / "o", 1, "--validation_files", str(d / "val.en.gz"), str(short)))
+
+
+def test_accelerate_launch_two_processes(tmp_path):
+    require_shared_data("multi30k")
+    out = tmp_path / "ddp"
+    # In accelerate 1.15 `launch --cpu --num_processes 2` starts ONE process (several CPU processes need
+    # mpirun); `--multi_gpu` + ACCELERATE_USE_CPU=1 starts 2 torchrun workers on gloo (MULTI_CPU).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO_ROOT), "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           *small_args(out, 2, "--td_mode", "weight", "--sweep_sparsities", "0", "0.9")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "train_history.json").read_text())
+    assert history["num_processes"] == 2 and history["completed_steps"] == 2
+    sweep = json.loads((out / "sweeps" / "sweep-validation-weight.json").read_text())
+    assert sweep["sparsities"] == [0.0, 0.9]
+    # 12 validation sentences sharded over 2 processes and gathered back: each exactly once, in order
+    lines = (out / "translations" / "validation-weight-00.tsv").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 13 and lines[1].startswith("A group of men are loading cotton onto a truck\t")
