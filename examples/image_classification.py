@@ -1,0 +1,735 @@
+#!/usr/bin/env python
+"""Train image classifiers with targeted dropout, then sweep weight and unit pruning (paper §5.1).
+
+Reproduces the image experiments of Gomez et al. (2019), "Learning Sparse Networks Using Targeted
+Dropout" (ResNet-32 on CIFAR-10; weight- and unit-pruning tables), with ``transformers.Trainer``:
+
+1. For every run (e.g. ``none``, ``weight:0.75:0.9``, ``unit:0.9:0.75``): build the model, patch it
+   with :func:`hf_tdrop.patch_model` (unless ``none``), train it with ``Trainer`` and
+   :class:`hf_tdrop.TargetedDropoutCallback` (α/γ schedule), save it (a plain HF checkpoint).
+2. Sweep magnitude pruning 0..90 % (weight and unit) of every run on the test split with
+   :func:`hf_tdrop.prune_sweep` and write per-run tables plus the combined, paper-shaped tables
+   (rows = prune %, columns = runs) as Markdown/CSV/JSON and a plot into ``--output_dir``.
+
+Examples::
+
+    # embedded default (offline, a few minutes on 2 CPU cores): digits, MLP, none vs weight-TD vs unit-TD
+    python examples/image_classification.py
+
+    # CIFAR-10 from a local copy in the hub's schema, ResNet-32, a short CPU schedule
+    python examples/image_classification.py --preset cifar10-cpu \\
+        --train_file ../shared/data/cifar10/train.parquet --test_file ../shared/data/cifar10/test.parquet
+
+    # the paper's schedule on the hub's CIFAR-10, 4 GPUs
+    accelerate launch --num_processes 4 examples/image_classification.py --preset paper
+
+    # DDP on CPU (gloo): accelerate 1.15's `launch --cpu --num_processes N` starts a single process,
+    # `--multi_gpu` with ACCELERATE_USE_CPU=1 starts N workers
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/image_classification.py
+
+    # your own images (imagefolder layout: DIR/train/<class>/*.png, DIR/test/<class>/*.png)
+    python examples/image_classification.py --dataset imagefolder --data_dir DIR --model resnet32 --image_size 32
+
+Run ``--help`` for every flag. Works under ``python`` and ``accelerate launch`` (DDP): training is
+distributed by ``Trainer``; the pruning sweep runs on the main process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import hf_tdrop
+from hf_tdrop import combine_sweeps, patch_model, plot_sweeps, prune_sweep
+from hf_tdrop.models import CifarResNetConfig, MLPConfig
+
+logger = logging.getLogger("image_classification")
+
+DEFAULT_OUTPUT_DIR = "outputs/image_classification"
+CIFAR10_HUB_ID = "uoft-cs/cifar10"
+DEFAULT_RUNS = "none,weight:0.75:0.9,unit:0.9:0.75"
+
+# Presets fill in defaults; any flag given on the command line wins.
+PRESETS = {
+    # The embedded default: offline, finishes in a few minutes on 2 CPU cores.
+    "cpu-small": dict(
+        dataset="digits", model="mlp", mlp_hidden_sizes="256,256", runs=DEFAULT_RUNS,
+        num_train_epochs=30.0, per_device_train_batch_size=32, learning_rate=0.05, lr_scheduler_type="cosine",
+        weight_decay=2e-4, optim="sgd", momentum=0.9, warmup_steps=0.0,
+    ),
+    # ResNet-32 on CIFAR-10 for a short CPU budget (1 epoch = 391 steps, ~20 min per run on one busy core).
+    "cifar10-cpu": dict(
+        dataset="cifar10", model="resnet32", runs="none,weight:0.75:0.9,unit:0.9:0.75",
+        num_train_epochs=1.0, per_device_train_batch_size=128, learning_rate=0.1, lr_scheduler_type="cosine",
+        weight_decay=2e-4, optim="sgd", momentum=0.9, warmup_steps=0.05,
+    ),
+    # The paper's schedule (Gomez et al., 2019, appendix): batch 128, SGD momentum 0.9, lr 0.1 with
+    # decay, weight decay 2e-4, 256 epochs. Meant for a GPU; documented, not run here.
+    "paper": dict(
+        dataset="cifar10", model="resnet32", runs="none,weight:0.66:0.75,unit:0.9:0.75",
+        num_train_epochs=256.0, per_device_train_batch_size=128, learning_rate=0.1, lr_scheduler_type="cosine",
+        weight_decay=2e-4, optim="sgd", momentum=0.9, warmup_steps=0.0,
+    ),
+}
+FALLBACK_DEFAULTS = dict(
+    dataset=None, model="resnet32", mlp_hidden_sizes="256,256", runs=None, num_train_epochs=3.0,
+    per_device_train_batch_size=128, learning_rate=0.1, lr_scheduler_type="cosine", weight_decay=2e-4,
+    optim="sgd", momentum=0.9, warmup_steps=0.0,
+)
+
+IMAGE_COLUMNS = ("img", "image", "pixel_values")
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Every flag has a default; with no flag at all the "
+        "'cpu-small' preset runs (digits, offline, minutes on 2 CPU cores).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                   help="Defaults for data/model/optimisation: 'cpu-small' (digits + MLP, minutes on CPU), "
+                        "'cifar10-cpu' (ResNet-32, 2 epochs), 'paper' (ResNet-32, 256 epochs, batch 128, "
+                        "SGD momentum 0.9, lr 0.1 decayed, weight decay 2e-4). Explicit flags override the preset.")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=["digits", "cifar10", "imagefolder", "files"], default=None,
+                   help="'digits': scikit-learn's 8x8 digits (offline, fixed stratified 75/25 train/test split, "
+                        "seed 0). 'cifar10': the hub's uoft-cs/cifar10 (or --train_file/--test_file in its schema) "
+                        "with pad-4 random crop + horizontal flip. 'imagefolder': the datasets imagefolder builder "
+                        "on --data_dir. 'files': --train_file/--test_file without augmentation. "
+                        "Default: the preset's ('digits' for cpu-small), or 'files' when --train_file is given.")
+    d.add_argument("--dataset_name", default=CIFAR10_HUB_ID, help="Hub dataset id used by --dataset cifar10.")
+    d.add_argument("--train_file", default=None,
+                   help="Local parquet/arrow/json(l)/csv file with the training split (columns --image_column, "
+                        "--label_column). Replaces the hub download; the preprocessing is the same.")
+    d.add_argument("--test_file", default=None, help="Local file with the test split (same format as --train_file).")
+    d.add_argument("--data_dir", default=None, help="Image folder for --dataset imagefolder "
+                   "(DIR/train/<class>/*.png and DIR/test/<class>/*.png; without test/ a stratified 20%% of train is held out).")
+    d.add_argument("--image_column", default=None, help="Image column (default: the first of img, image, pixel_values).")
+    d.add_argument("--label_column", default="label", help="Integer/ClassLabel label column.")
+    d.add_argument("--image_size", type=int, default=None,
+                   help="Resize every image to this square size (default: keep; all images must then share a size).")
+    d.add_argument("--grayscale", action="store_true", help="Convert every image to one gray channel.")
+    d.add_argument("--augmentation", choices=["auto", "none", "crop_flip"], default="auto",
+                   help="Training augmentation: 'crop_flip' pads 4 px, random-crops back and flips horizontally; "
+                        "'auto' = crop_flip for cifar10, none otherwise.")
+    d.add_argument("--validation_fraction", type=float, default=0.0,
+                   help="Fraction of the training split held out (stratified, seeded) as a validation split, "
+                        "evaluated every epoch. Use it (never the test split) to tune α/γ/lr.")
+    d.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training rows.")
+    d.add_argument("--max_eval_samples", type=int, default=None,
+                   help="Keep only the first N test rows for the pruning sweep (CIFAR rows are pre-shuffled).")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=["resnet32", "mlp"], default=None,
+                   help="'resnet32': CIFAR ResNet-32 (hf_tdrop.models.CifarResNetForImageClassification); "
+                        "'mlp': hf_tdrop.models.MLPForImageClassification. Ignored with --model_name_or_path.")
+    m.add_argument("--model_name_or_path", default=None,
+                   help="Any HF image-classification checkpoint or config (local dir or hub id); its weights are "
+                        "loaded, or with --from_config only its config.")
+    m.add_argument("--from_config", action="store_true", help="With --model_name_or_path: random init from its config.")
+    m.add_argument("--mlp_hidden_sizes", default=None, help="Comma-separated hidden widths of --model mlp.")
+    m.add_argument("--resnet_blocks_per_stage", type=int, default=5, help="Blocks per stage (5 = ResNet-32).")
+    m.add_argument("--resnet_shortcut", choices=["projection", "zero_pad"], default="projection",
+                   help="ResNet shortcut where the shape changes: 1x1 conv + BN, or zero-padded identity.")
+
+    t = p.add_argument_group("targeted dropout")
+    t.add_argument("--runs", default=None,
+                   help="Comma-separated runs compared in one invocation, each 'none' or 'MODE:ALPHA:GAMMA' "
+                        "(MODE weight|unit), optionally 'LABEL=...'. Example: "
+                        f"'{DEFAULT_RUNS}'. Ignored when --tdrop_mode is given.")
+    t.add_argument("--tdrop_mode", choices=["weight", "unit", "none"], default=None,
+                   help="Single run with this targeting ('none' = no targeted dropout) and --alpha/--gamma.")
+    t.add_argument("--alpha", type=float, default=0.75, help="Drop probability α of a targeted weight/unit (single run).")
+    t.add_argument("--gamma", type=float, default=0.9, help="Targeted fraction γ (single run).")
+    t.add_argument("--schedule", choices=["constant", "linear", "cosine", "piecewise"], default="constant",
+                   help="α/γ schedule of hf_tdrop.TargetingSchedule; non-constant kinds ramp from 0 over "
+                        "--ramp_fraction of training.")
+    t.add_argument("--ramp_fraction", type=float, default=None,
+                   help="Fraction of the training steps over which a non-constant schedule ramps (default 0.5).")
+
+    o = p.add_argument_group("training (transformers.TrainingArguments)")
+    o.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where runs, checkpoints and tables go.")
+    o.add_argument("--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty --output_dir.")
+    o.add_argument("--resume_from_checkpoint", default=None,
+                   help="'true': resume each run from its last checkpoint in --output_dir/<run>; a path: resume the "
+                        "(single) run from that checkpoint.")
+    o.add_argument("--num_train_epochs", type=float, default=None, help="Training epochs (per run).")
+    o.add_argument("--max_steps", type=int, default=-1, help="If > 0, total optimisation steps (overrides epochs).")
+    o.add_argument("--per_device_train_batch_size", type=int, default=None, help="Batch size per process.")
+    o.add_argument("--per_device_eval_batch_size", type=int, default=500, help="Evaluation batch size.")
+    o.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate.")
+    o.add_argument("--lr_scheduler_type", default=None, help="transformers scheduler: cosine, linear, constant, ...")
+    o.add_argument("--warmup_steps", type=float, default=None, help="Warm-up steps (int) or ratio of total steps (<1).")
+    o.add_argument("--optim", default=None, help="transformers optimizer name (sgd, adamw_torch, ...).")
+    o.add_argument("--momentum", type=float, default=None, help="SGD momentum (with --optim sgd).")
+    o.add_argument("--weight_decay", type=float, default=None, help="Weight decay.")
+    o.add_argument("--seed", type=int, default=42, help="Seed of model init, data order, masks (same for every run).")
+    o.add_argument("--logging_steps", type=int, default=50, help="Log every N steps.")
+    o.add_argument("--save_strategy", choices=["no", "steps", "epoch"], default="epoch", help="Checkpointing.")
+    o.add_argument("--save_steps", type=int, default=500, help="With --save_strategy steps.")
+    o.add_argument("--save_total_limit", type=int, default=1, help="Checkpoints kept per run.")
+    o.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers.")
+    o.add_argument("--disable_tqdm", action="store_true", help="Hide progress bars.")
+
+    s = p.add_argument_group("pruning sweep and export")
+    s.add_argument("--sparsities", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                   help="Comma-separated pruning levels in [0, 1).")
+    s.add_argument("--prune_modes", default="weight,unit", help="Comma-separated pruning modes swept for every run.")
+    s.add_argument("--export_sparsity", type=float, default=None,
+                   help="Also save every run pruned at this level with hf_tdrop.save_pruned into <run>/pruned.")
+    s.add_argument("--export_mode", choices=["weight", "unit"], default="weight", help="Pruning mode of the export.")
+    s.add_argument("--push_to_hub", action="store_true",
+                   help="Push the pruned export (--export_sparsity, default 0.5) of the last run with "
+                        "hf_tdrop.push_pruned_to_hub to --hub_model_id.")
+    s.add_argument("--hub_model_id", default=None, help="Repository id for --push_to_hub.")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**{k: v for k, v in PRESETS[pre.preset].items()})
+    args = parser.parse_args(argv)
+    for key, value in FALLBACK_DEFAULTS.items():
+        if getattr(args, key) is None and value is not None:
+            setattr(args, key, value)
+    # explicit local files replace the download; without a dataset recipe they are plain 'files'
+    if args.train_file and "dataset" not in _explicit(argv) and args.dataset in (None, "digits"):
+        args.dataset = "files"
+    if args.dataset is None:
+        args.dataset = "digits"
+    validate_args(parser, args)
+    return args
+
+
+def _explicit(argv) -> set[str]:
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.train_file is None) != (args.test_file is None):
+        parser.error("--train_file and --test_file must be given together.")
+    if args.dataset == "files" and not args.train_file:
+        parser.error("--dataset files needs --train_file and --test_file.")
+    if args.dataset == "imagefolder" and not args.data_dir:
+        parser.error("--dataset imagefolder needs --data_dir.")
+    if args.dataset == "digits" and args.train_file:
+        parser.error("--dataset digits is built in; drop --train_file/--test_file or pick --dataset cifar10/files.")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        parser.error(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}.")
+    try:
+        args.sparsity_list = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sparsities must be comma-separated numbers in [0, 1), got {args.sparsities!r}.")
+    if not args.sparsity_list or any(not 0.0 <= s < 1.0 for s in args.sparsity_list):
+        parser.error(f"--sparsities must be comma-separated numbers in [0, 1), got {args.sparsities!r}.")
+    args.prune_mode_list = [m.strip() for m in args.prune_modes.split(",") if m.strip()]
+    if not args.prune_mode_list or any(m not in ("weight", "unit") for m in args.prune_mode_list):
+        parser.error(f"--prune_modes must be a comma-separated subset of weight,unit, got {args.prune_modes!r}.")
+    try:
+        args.run_specs = parse_runs(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.mlp_hidden_sizes:
+        try:
+            args.hidden_list = [int(h) for h in args.mlp_hidden_sizes.split(",") if h.strip()]
+        except ValueError:
+            parser.error(f"--mlp_hidden_sizes must be comma-separated ints, got {args.mlp_hidden_sizes!r}.")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id.")
+    if args.export_sparsity is not None and not 0.0 <= args.export_sparsity < 1.0:
+        parser.error("--export_sparsity must be in [0, 1).")
+    if args.ramp_fraction is not None and not 0.0 < args.ramp_fraction <= 1.0:
+        parser.error("--ramp_fraction must be in (0, 1].")
+
+
+@dataclass
+class RunSpec:
+    """One column of the paper's tables: a training run with or without targeted dropout."""
+
+    name: str  # directory name
+    label: str  # column label
+    mode: Optional[str] = None  # None = no targeted dropout
+    alpha: float = 0.0
+    gamma: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "label": self.label, "mode": self.mode, "alpha": self.alpha, "gamma": self.gamma}
+
+
+def _make_spec(mode: Optional[str], alpha: float = 0.0, gamma: float = 0.0, label: Optional[str] = None) -> RunSpec:
+    if mode is None:
+        return RunSpec(name="none", label=label or "none")
+    for name, value in (("alpha", alpha), ("gamma", gamma)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"run {mode}:{alpha}:{gamma}: {name} must be in [0, 1], got {value}.")
+    name = f"{mode}-a{alpha:g}-g{gamma:g}"
+    return RunSpec(name=name, label=label or f"{mode} TD α={alpha:g} γ={gamma:g}", mode=mode, alpha=alpha, gamma=gamma)
+
+
+def parse_runs(args: argparse.Namespace) -> list[RunSpec]:
+    """Runs from --tdrop_mode (single run) or --runs (``none`` / ``MODE:ALPHA:GAMMA`` / ``LABEL=...``)."""
+    if args.tdrop_mode is not None:
+        return [_make_spec(None if args.tdrop_mode == "none" else args.tdrop_mode, args.alpha, args.gamma)]
+    text = args.runs or DEFAULT_RUNS
+    specs = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        label = None
+        if "=" in item:
+            label, item = (x.strip() for x in item.split("=", 1))
+        if item == "none":
+            specs.append(_make_spec(None, label=label))
+            continue
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in ("weight", "unit"):
+            raise ValueError(f"--runs entries must be 'none' or 'MODE:ALPHA:GAMMA' with MODE weight|unit, got {item!r}.")
+        try:
+            alpha, gamma = float(parts[1]), float(parts[2])
+        except ValueError:
+            raise ValueError(f"--runs entry {item!r}: ALPHA and GAMMA must be numbers.") from None
+        specs.append(_make_spec(parts[0], alpha, gamma, label))
+    if not specs:
+        raise ValueError("--runs is empty.")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names) or len({s.label for s in specs}) != len(specs):
+        raise ValueError(f"--runs has duplicate runs: {names}.")
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: every source becomes a datasets.DatasetDict with an image column and an integer label column,
+# then goes through the same preprocessing.
+# --------------------------------------------------------------------------------------------------
+
+
+def load_digits_dataset():
+    """scikit-learn's 8x8 digits as a ``DatasetDict`` (``img``: 8x8 grayscale PIL image scaled to 0..255,
+    ``label``: ClassLabel 0-9), split 75/25 stratified with seed 0 (1347 train / 450 test)."""
+    import datasets
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    idx_train, idx_test = train_test_split(np.arange(len(images)), test_size=0.25, random_state=0,
+                                           stratify=digits.target)
+    features = datasets.Features({"img": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+
+    def split(idx):
+        return datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(images[i], mode="L") for i in idx], "label": [int(digits.target[i]) for i in idx]},
+            features=features)
+
+    return datasets.DatasetDict(train=split(idx_train), test=split(idx_test))
+
+
+def _file_format(path: str) -> str:
+    suffix = "".join(Path(path).suffixes[-2:]).lower()
+    for ext, fmt in ((".parquet", "parquet"), (".arrow", "arrow"), (".jsonl", "json"), (".json", "json"),
+                     (".csv", "csv")):
+        if ext in suffix:
+            return fmt
+    raise ValueError(f"Cannot tell the format of {path!r}: use .parquet, .arrow, .json/.jsonl or .csv.")
+
+
+def load_raw_datasets(args):
+    """The train/test ``DatasetDict`` for ``args.dataset`` (before preprocessing)."""
+    import datasets
+
+    if args.dataset == "digits":
+        return load_digits_dataset()
+    if args.train_file:  # local copy in the hub's schema: only the loading differs from the hub path
+        fmt = _file_format(args.train_file)
+        if _file_format(args.test_file) != fmt:
+            raise ValueError("--train_file and --test_file must have the same format.")
+        return datasets.load_dataset(fmt, data_files={"train": args.train_file, "test": args.test_file})
+    if args.dataset == "cifar10":
+        return datasets.load_dataset(args.dataset_name)
+    if args.dataset == "imagefolder":
+        raw = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
+        if "test" not in raw:
+            raw = raw["train"].train_test_split(test_size=0.2, seed=0, stratify_by_column=args.label_column)
+        return raw
+    raise ValueError(f"Unknown --dataset {args.dataset!r}.")
+
+
+def image_column_of(dataset, requested: Optional[str]) -> str:
+    if requested:
+        if requested not in dataset.column_names:
+            raise ValueError(f"--image_column {requested!r} not in the dataset's columns {dataset.column_names}.")
+        return requested
+    for name in IMAGE_COLUMNS:
+        if name in dataset.column_names:
+            return name
+    raise ValueError(f"No image column among {dataset.column_names}; pass --image_column.")
+
+
+def to_tensor(image, mode: str, size: Optional[int]) -> torch.Tensor:
+    """PIL image -> float tensor ``[C, H, W]`` in [0, 1] (``mode`` 'L' or 'RGB', optional square resize)."""
+    from PIL import Image
+
+    if image.mode != mode:
+        image = image.convert(mode)
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """The usual CIFAR augmentation on ``[C, H, W]``: zero-pad ``pad`` px, random crop back, random h-flip
+    (torch's global RNG, so it follows ``--seed``)."""
+    _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+    out = padded[:, i:i + h, j:j + w]
+    if torch.rand(()) < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+@dataclass
+class ImageData:
+    """Preprocessed splits (``pixel_values`` ``[C,H,W]`` float, ``labels`` int) and what the model needs."""
+
+    train: object
+    test: object
+    validation: Optional[object]
+    num_labels: int
+    num_channels: int
+    image_size: tuple[int, int]
+    id2label: dict[int, str]
+    mean: list[float]
+    std: list[float]
+
+
+def prepare_data(args) -> ImageData:
+    """Load ``args.dataset``, carve the validation split, normalise with the training split's per-channel
+    mean/std and attach on-the-fly transforms (augmentation on the training split only)."""
+    import datasets
+
+    raw = load_raw_datasets(args)
+    if "train" not in raw or "test" not in raw:
+        raise ValueError(f"The dataset needs 'train' and 'test' splits, got {list(raw)}.")
+    train, test = raw["train"], raw["test"]
+    image_col = image_column_of(train, args.image_column)
+    label_col = args.label_column
+    if label_col not in train.column_names:
+        raise ValueError(f"--label_column {label_col!r} not in the dataset's columns {train.column_names}.")
+    label_feature = train.features[label_col]
+    if isinstance(label_feature, datasets.ClassLabel):
+        names = label_feature.names
+    else:
+        names = [str(v) for v in sorted(set(train[label_col]))]
+    id2label = dict(enumerate(names))
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        test = test.select(range(min(args.max_eval_samples, len(test))))
+    validation = None
+    if args.validation_fraction > 0:
+        stratify = label_col if isinstance(label_feature, datasets.ClassLabel) else None
+        parts = train.train_test_split(test_size=args.validation_fraction, seed=args.seed, stratify_by_column=stratify)
+        train, validation = parts["train"], parts["test"]
+
+    first = train[0][image_col]
+    mode = "L" if getattr(args, "grayscale", False) or first.mode in ("L", "1", "I", "I;16", "F") else "RGB"
+    num_channels = 1 if mode == "L" else 3
+    size = args.image_size
+    # per-channel statistics of (up to 5000 images of) the training split
+    sample = train.select(range(min(5000, len(train))))
+    stats = torch.stack([to_tensor(im, mode, size) for im in sample[image_col]])
+    image_size = tuple(stats.shape[-2:])
+    mean = stats.mean(dim=(0, 2, 3))
+    std = stats.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    augment = args.augmentation == "crop_flip" or (args.augmentation == "auto" and args.dataset == "cifar10")
+
+    def make_transform(train_split: bool):
+        def transform(batch):
+            pixels = []
+            for im in batch[image_col]:
+                x = to_tensor(im, mode, size)
+                if train_split and augment:
+                    x = crop_flip(x)
+                pixels.append((x - mean[:, None, None]) / std[:, None, None])
+            return {"pixel_values": pixels, "labels": [int(v) for v in batch[label_col]]}
+        return transform
+
+    keep = [image_col, label_col]
+    train = train.select_columns(keep).with_transform(make_transform(True))
+    test = test.select_columns(keep).with_transform(make_transform(False))
+    if validation is not None:
+        validation = validation.select_columns(keep).with_transform(make_transform(False))
+    logger.info("data: %s, %d train / %s validation / %d test rows, %d classes, %d channel(s) %s, augmentation=%s",
+                args.dataset, len(train), len(validation) if validation is not None else 0, len(test),
+                len(names), num_channels, image_size, augment)
+    return ImageData(train=train, test=test, validation=validation, num_labels=len(names), num_channels=num_channels,
+                     image_size=image_size, id2label=id2label, mean=mean.tolist(), std=std.tolist())
+
+
+def collate(examples) -> dict:
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, evaluation, training
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(args, data: ImageData):
+    id2label = {int(k): v for k, v in data.id2label.items()}
+    label2id = {v: k for k, v in id2label.items()}
+    if args.model_name_or_path:
+        if args.from_config:
+            config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=data.num_labels,
+                                                id2label=id2label, label2id=label2id)
+            return AutoModelForImageClassification.from_config(config)
+        return AutoModelForImageClassification.from_pretrained(
+            args.model_name_or_path, num_labels=data.num_labels, id2label=id2label, label2id=label2id,
+            ignore_mismatched_sizes=True)
+    if args.model == "mlp":
+        h, w = data.image_size
+        config = MLPConfig(input_size=data.num_channels * h * w, hidden_sizes=args.hidden_list,
+                           id2label=id2label, label2id=label2id)
+    else:
+        config = CifarResNetConfig(num_channels=data.num_channels, blocks_per_stage=args.resnet_blocks_per_stage,
+                                   shortcut=args.resnet_shortcut, id2label=id2label, label2id=label2id)
+    return AutoModelForImageClassification.from_config(config)
+
+
+def tensors_of(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise a preprocessed split once: ``pixel_values`` ``[N, C, H, W]`` and ``labels`` ``[N]``."""
+    batch = dataset[:]
+    return torch.stack(batch["pixel_values"]), torch.tensor(batch["labels"], dtype=torch.long)
+
+
+def make_evaluate_fn(pixels: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    """``evaluate_fn(model) -> {"accuracy", "loss"}`` on the given tensors, in eval mode, no grad."""
+
+    @torch.inference_mode()
+    def evaluate(model) -> dict:
+        model.eval()
+        device = next(model.parameters()).device
+        correct, loss = 0, 0.0
+        for start in range(0, len(labels), batch_size):
+            x = pixels[start:start + batch_size].to(device)
+            y = labels[start:start + batch_size].to(device)
+            logits = model(pixel_values=x).logits
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+        return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+
+    return evaluate
+
+
+def compute_metrics(eval_pred) -> dict:
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def make_schedule(args, spec: RunSpec):
+    return hf_tdrop.TargetingSchedule(alpha=spec.alpha, gamma=spec.gamma, kind=args.schedule,
+                                      ramp_fraction=None if args.schedule == "constant" else (args.ramp_fraction or 0.5))
+
+
+def training_arguments(args, run_dir: Path, has_validation: bool) -> TrainingArguments:
+    optim_args = f"momentum={args.momentum}" if args.optim == "sgd" and args.momentum else None
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_steps,
+        optim=args.optim,
+        optim_args=optim_args,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy=args.save_strategy,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="epoch" if has_validation else "no",
+        dataloader_num_workers=args.dataloader_num_workers,
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=args.disable_tqdm,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def checkpoint_for(args, run_dir: Path, n_runs: int):
+    value = args.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "no", "0"):
+        return None
+    if value.lower() in ("true", "yes", "1"):
+        return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if n_runs > 1:
+        raise ValueError("--resume_from_checkpoint PATH needs a single run; use 'true' to resume every run.")
+    return value
+
+
+def train_run(args, spec: RunSpec, data: ImageData, run_dir: Path, n_runs: int):
+    """Train one run; returns the trained (patched, if TD) model and the Trainer."""
+    set_seed(args.seed)
+    model = build_model(args, data)
+    callback = None
+    if spec.mode is not None:
+        patch_model(model, alpha=spec.alpha, gamma=spec.gamma, mode=spec.mode)
+        callback = hf_tdrop.TargetedDropoutCallback(make_schedule(args, spec))
+        logger.info("run %s: %d layers patched (%s, α=%g, γ=%g, schedule %s)", spec.name,
+                    len(hf_tdrop.targeted_layers(model)), spec.mode, spec.alpha, spec.gamma, args.schedule)
+    else:
+        logger.info("run %s: no targeted dropout", spec.name)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(args, run_dir, data.validation is not None),
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=collate,
+        compute_metrics=compute_metrics if data.validation is not None else None,
+    )
+    if callback is not None:
+        callback.attach(trainer)  # ahead of report_to integrations, so they log tdrop_alpha/tdrop_gamma
+    checkpoint = checkpoint_for(args, run_dir, n_runs)
+    logger.info("run %s: %d process(es) (%s), %d examples per step", spec.name, trainer.args.world_size,
+                trainer.args.parallel_mode.value, trainer.args.world_size * args.per_device_train_batch_size)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(run_dir))  # a plain checkpoint (patching leaves the state_dict untouched)
+    trainer.save_state()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    return trainer.model, trainer, result.metrics
+
+
+def check_output_dir(args) -> None:
+    out = Path(args.output_dir)
+    resuming = args.resume_from_checkpoint not in (None, "false", "False", "no", "0")
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite_output_dir or resuming):
+        raise SystemExit(f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir (or "
+                         "--resume_from_checkpoint true) or choose another directory.")
+
+
+def write_combined(output_dir: Path, sweeps: dict[str, list], labels: list[str]) -> dict[str, str]:
+    """Combined tables (rows = prune %, columns = runs) per pruning mode: .md/.csv/.json and a .png."""
+    written = {}
+    texts = []
+    for mode, results in sweeps.items():
+        if not results:
+            continue
+        table = combine_sweeps(results, "accuracy", labels=labels)
+        stem = output_dir / f"{mode}_pruning"
+        text = f"### {mode.capitalize()} pruning: test accuracy (rows = fraction pruned, columns = runs)\n\n" \
+               + table.to_markdown(float_format=".4f") + "\n"
+        stem.with_suffix(".md").write_text(text, encoding="utf-8")
+        table.to_csv(stem.with_suffix(".csv"))
+        table.to_json(stem.with_suffix(".json"))
+        plot_sweeps(results, stem.with_suffix(".png"), metric="accuracy", labels=labels,
+                    title=f"{mode} pruning")
+        written[mode] = str(stem.with_suffix(".md"))
+        texts.append(text)
+    (output_dir / "results.md").write_text("\n".join(texts), encoding="utf-8")
+    return written
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        check_output_dir(args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    data = prepare_data(args)
+    test_pixels, test_labels = tensors_of(data.test)
+    evaluate = make_evaluate_fn(test_pixels, test_labels, args.per_device_eval_batch_size)
+    sweeps: dict[str, list] = {mode: [] for mode in args.prune_mode_list}
+    summary = {"args": {k: v for k, v in vars(args).items() if k != "run_specs"},
+               "runs": [s.to_dict() for s in args.run_specs], "train_metrics": {}}
+    summary["args"]["sparsity_list"] = args.sparsity_list
+    last_model = None
+    for spec in args.run_specs:
+        run_dir = output_dir / spec.name
+        model, trainer, metrics = train_run(args, spec, data, run_dir, len(args.run_specs))
+        summary["train_metrics"][spec.name] = metrics
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            model = trainer.accelerator.unwrap_model(model)
+            for mode in args.prune_mode_list:
+                result = prune_sweep(model, evaluate, args.sparsity_list, mode=mode, run_name=spec.label,
+                                     progress=not args.disable_tqdm)
+                result.save(run_dir, prefix=f"sweep-{mode}")
+                sweeps[mode].append(result)
+                logger.info("run %s, %s pruning:\n%s", spec.name, mode, result.to_markdown("accuracy"))
+            if args.export_sparsity is not None or args.push_to_hub:
+                export(args, model, spec, run_dir, [sweeps[m][-1] for m in args.prune_mode_list])
+        trainer.accelerator.wait_for_everyone()
+        last_model = model
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        labels = [s.label for s in args.run_specs]
+        write_combined(output_dir, sweeps, labels)
+        (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+        print((output_dir / "results.md").read_text(encoding="utf-8"))
+        logger.info("tables, plots and per-run outputs written to %s", output_dir)
+    return {"sweeps": sweeps, "model": last_model}
+
+
+def export(args, model, spec: RunSpec, run_dir: Path, sweeps: list) -> None:
+    """Save (and with --push_to_hub push) the run pruned at --export_sparsity through the library's
+    Hub export: a plain checkpoint + tdrop_config.json + a model card with the sweep tables."""
+    sparsity = 0.5 if args.export_sparsity is None else args.export_sparsity
+    # one column per pruning mode in the model card (the run's sweeps share its run name)
+    sweeps = [dataclasses.replace(r, run_name=f"{r.run_name} ({r.mode} pruning)") for r in sweeps]
+    with hf_tdrop.pruned(model, sparsity, mode=args.export_mode) as report:
+        if args.export_sparsity is not None:
+            path = hf_tdrop.save_pruned(model, run_dir / "pruned", sweep=sweeps, prune_report=report, overwrite=True)
+            logger.info("run %s pruned at %.0f%% (%s) saved to %s", spec.name, 100 * sparsity, args.export_mode, path)
+        if args.push_to_hub and spec is args.run_specs[-1]:
+            info = hf_tdrop.push_pruned_to_hub(model, args.hub_model_id, sweep=sweeps, prune_report=report)
+            logger.info("pushed to %s", getattr(info, "commit_url", info))
+
+
+if __name__ == "__main__":
+    main()
