@@ -141,6 +141,8 @@ def _check_model_arg(model: str) -> bool:
 def _load_config(model: str):
     from transformers import AutoConfig
 
+    from . import models  # noqa: F401 - registers tdrop_cifar_resnet / tdrop_mlp with the Auto classes
+
     try:
         return AutoConfig.from_pretrained(model)
     except Exception as err:  # noqa: BLE001 - reported as one line

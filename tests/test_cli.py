@@ -197,3 +197,18 @@ def test_auto_class_from_architectures_with_automodel_fallback():
     assert auto_class_for(GPT2Config(architectures=["GPT2Model"])) is transformers.AutoModel
     assert auto_class_for(GPT2Config()) is transformers.AutoModel
     assert auto_class_for(GPT2Config(architectures=["NotAClass"])) is transformers.AutoModel
+
+
+def test_report_loads_hf_tdrop_model_types_in_a_fresh_process(tmp_path):
+    """`hf-tdrop` registers hf_tdrop.models itself: a saved ResNet-32 loads with no manual import."""
+    from hf_tdrop.models import CifarResNetForImageClassification, resnet32_config
+
+    model = CifarResNetForImageClassification(resnet32_config(num_labels=10))
+    prune_model(model, 0.5, mode="unit")
+    model.save_pretrained(tmp_path / "resnet32")
+    result = subprocess.run([sys.executable, "-m", "hf_tdrop.cli", "report", str(tmp_path / "resnet32"), "--format", "json"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    stem = next(layer for name, layer in layers.items() if not layer["is_head"])
+    assert stem["zero_units"] == stem["n_units"] // 2
