@@ -43,6 +43,17 @@ _TABLE_FORMAT = "hf-tdrop-sweep-table"
 PathLike = Union[str, os.PathLike]
 
 
+def _write_json(path: PathLike, data: dict) -> Path:
+    """Write ``data`` as indented UTF-8 JSON (floats at full precision); returns the path."""
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _read_json(path: PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Sparsity report
 # --------------------------------------------------------------------------------------------------
@@ -328,14 +339,12 @@ class SweepResult:
 
     def to_json(self, path: PathLike) -> Path:
         """Write the result as JSON (floats at full precision); returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        return _write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: PathLike) -> "SweepResult":
         """Read a result written by :meth:`to_json`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(_read_json(path))
 
     def to_csv(self, path: PathLike) -> Path:
         """Write ``sparsity,<metric>...,pruned_fraction`` rows (full-precision floats); returns the path."""
@@ -542,13 +551,11 @@ class SweepTable:
                    values=[list(r) for r in data["values"]])
 
     def to_json(self, path: PathLike) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        return _write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: PathLike) -> "SweepTable":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(_read_json(path))
 
     def to_csv(self, path: PathLike) -> Path:
         """Write ``sparsity,<run>,<run>...`` rows; a missing value is an empty cell."""
