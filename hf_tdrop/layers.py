@@ -170,9 +170,9 @@ class TargetedDropoutMixin:
         drop, scale = _untraced_sample_drop_mask(self, sample=self.training)
         if state.mode == "unit":
             out = super().forward(input)
-            # in place: the layer's output is fresh and not saved for its own backward, so this
-            # avoids allocating a second activation-sized tensor
-            out = out.mul_(keep_multiplier(drop, out.dtype).view(self._unit_shape(out)))
+            # out of place on purpose: for N-D inputs the layer's output is a view, and an in-place
+            # multiply of a view makes autograd rebuild the base (CopySlices) in backward
+            out = out * keep_multiplier(drop, out.dtype).view(self._unit_shape(out))
         else:
             out = self._weight_masked_forward(input, drop, scale)
             scale = None  # applied to the weight already
