@@ -6,8 +6,9 @@ tensors), its ``state_dict`` keys and tensors are unchanged, and the classes are
 time, so patched models pickle and deep-copy. ``unpatch`` swaps the original class back.
 
 The per-layer settings live in one :class:`TargetingState` attribute. Mask selection and sampling
-run inside :func:`sample_drop_mask`, which ``torch.compile`` does not trace
-(``torch.compiler.disable``): α and γ can change at every step without recompiling the model.
+run inside :func:`sample_drop_mask`, which patched layers call through a lazily created
+``torch.compiler.disable`` wrapper: ``torch.compile`` does not trace it, so α and γ can change at
+every step without recompiling the model.
 """
 
 from __future__ import annotations
