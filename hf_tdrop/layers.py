@@ -40,6 +40,9 @@ class TargetingState:
     original_class: Optional[type] = None
     # cache of the targeted set when refresh_every > 1: (weight._version, gamma, bool mask)
     cached_targeting: Optional[tuple] = field(default=None, repr=False, compare=False)
+    # weight mode: where each row's threshold was at the last targeting (a hint that makes the next
+    # exact selection cheaper; see masking.lowest_k_bracketed)
+    threshold_bracket: Optional[masking.KthBracket] = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "alpha": self.alpha, "gamma": self.gamma}
@@ -64,7 +67,7 @@ def targeted_set(module: nn.Module) -> torch.Tensor:
             return cached
     w2d = masking.unit_matrix(weight, state.layout)
     if state.mode == "weight":
-        targeted = masking.targeted_weights(w2d, state.gamma)
+        targeted, state.threshold_bracket = masking.targeted_weights_bracketed(w2d, state.gamma, state.threshold_bracket)
     else:
         targeted = masking.targeted_units(w2d, state.gamma)
     if state.refresh_every > 1:

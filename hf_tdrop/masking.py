@@ -15,6 +15,7 @@ low-precision weights tie.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -58,6 +59,39 @@ def _row_counts(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).sum(dim=-1, dtype=dtype)
 
 
+def _ranking_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` detached, in float32 (float64 stays float64): ranking never ties low-precision values
+    that float32 tells apart, and comparisons against thresholds are exact."""
+    s = scores.detach()
+    return s if s.dtype == torch.float64 else s.float()
+
+
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based, ``1 <= k <= n``) of every row of ``scores [..., n]``:
+    ``[..., 1]``. A partial selection (``topk`` of whichever side is smaller), not a sort."""
+    s = _ranking_scores(scores)
+    n = s.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"`k` must be in [1, {n}], got {k}.")
+    if k <= n - k + 1:
+        return s.topk(k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    return s.topk(n - k + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+
+
+def _select_up_to_kth(s: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest of each row of ranking scores ``s [..., n]`` given each row's ``k``-th
+    smallest value ``kth [..., 1]``: everything below it, then ties at it by lowest index."""
+    selected = s <= kth
+    # Fast path: with continuous weights the comparison alone selects exactly k per row. Only when a
+    # row ties at its k-th value do we pay for the cumulative count that keeps the lowest indices.
+    if bool((_row_counts(selected) > k).any()):
+        at = s == kth
+        below = selected & ~at
+        needed = k - below.sum(dim=-1, keepdim=True)
+        selected = below | (at & (at.cumsum(dim=-1) <= needed))
+    return selected
+
+
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest entries of each row of ``scores`` (``[..., n]``).
 
@@ -70,28 +104,140 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    s = scores.detach()
-    if s.dtype != torch.float64:
-        s = s.float()
-    if k <= n // 2:
-        # threshold = the k-th smallest; everything <= it is selected, too many only on ties
-        threshold = s.topk(k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
-        selected = s <= threshold
-        excess = bool((_row_counts(selected) > k).any())
-    else:
-        # cheaper to find the (n - k) largest: threshold = the (k+1)-th smallest; everything strictly
-        # below it is selected, too few only on ties
-        threshold = s.topk(n - k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
-        selected = s < threshold
-        excess = bool((_row_counts(selected) < k).any())
-    # Fast path: with continuous weights the comparison alone selects exactly k per row. Only when a
-    # row ties at its threshold do we pay for the cumulative count that keeps the lowest indices.
-    if excess:
-        at = s == threshold
-        below = selected & ~at
-        needed = k - below.sum(dim=-1, keepdim=True)
-        selected = below | (at & (at.cumsum(dim=-1) <= needed))
-    return selected
+    s = _ranking_scores(scores)
+    return _select_up_to_kth(s, kth_smallest(s, k), k)
+
+
+@dataclass
+class KthBracket:
+    """Per-row bounds ``lower[r] <= kth[r] <= upper[r]`` around the ``k``-th smallest value of row
+    ``r``, found by one :func:`lowest_k_bracketed` call and used as a guess by the next one.
+
+    ``lower``/``upper`` are ``[n_rows]`` tensors in the ranking dtype; ``margin`` is how many ranks
+    on each side of the ``k``-th the bounds are placed (it adapts to how far values move between
+    calls). A bracket is only ever a hint: a wrong one costs time, never exactness.
+    """
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    margin: int
+
+
+def _initial_margin(n: int) -> int:
+    return max(4, n // 64)
+
+
+def _max_margin(n: int) -> int:
+    return max(4, n // 16)
+
+
+def _kth_and_bounds(s: torch.Tensor, k: int, margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row of ``s [rows, n]`` (``1 <= k < n``): the ``k``-th smallest value and the values
+    ``margin`` ranks below and above it (clamped to the row), each ``[rows]``. One sorted ``topk`` of
+    the smaller side."""
+    n = s.shape[1]
+    lo_rank, hi_rank = max(k - 1 - margin, 0), min(k - 1 + margin, n - 1)  # 0-based ranks
+    if hi_rank + 1 <= n - lo_rank:
+        v = s.topk(hi_rank + 1, dim=1, largest=False, sorted=True).values  # v[:, i] has rank i
+        return v[:, k - 1], v[:, lo_rank], v[:, hi_rank]
+    v = s.topk(n - lo_rank, dim=1, largest=True, sorted=True).values  # v[:, i] has rank n - 1 - i
+    return v[:, n - k], v[:, n - 1 - lo_rank], v[:, n - 1 - hi_rank]
+
+
+def lowest_k_bracketed(
+    scores: torch.Tensor, k: int, bracket: Optional[KthBracket] = None
+) -> tuple[torch.Tensor, Optional[KthBracket]]:
+    """:func:`lowest_k` for a 2-D ``scores [n_rows, n]`` that changes a little between calls (the
+    weights of a layer between optimizer steps): the same mask, bit for bit, plus a
+    :class:`KthBracket` to pass to the next call.
+
+    With a bracket from the previous call, each row is checked by counting: if fewer than ``k``
+    values lie below ``lower`` and at least ``k`` lie at or below ``upper``, the row's ``k``-th
+    smallest value is inside the bracket and is found among the few values in it (compacted and
+    sorted), instead of by a ``topk`` over the whole row. Rows where the check fails (values moved
+    past the bracket, ``k`` changed by more than the margin) and calls without a bracket use a
+    ``topk``, exactly as :func:`lowest_k`. The margin grows by half when more than 1/8 of the rows fail
+    (up to ``n / 16``) and shrinks slowly while fewer than 1/64 do.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"`scores` must be 2-D [n_rows, n], got shape {tuple(scores.shape)}.")
+    n_rows, n = scores.shape
+    if k <= 0 or k >= n or n_rows == 0:
+        return lowest_k(scores, k), None
+    s = _ranking_scores(scores)
+    usable = (
+        bracket is not None
+        and bracket.lower.shape == (n_rows,)
+        and bracket.lower.device == s.device
+        and bracket.lower.dtype == s.dtype
+    )
+    if not usable:
+        margin = _initial_margin(n)
+        kth, lower, upper = _kth_and_bounds(s, k, margin)
+        return _select_up_to_kth(s, kth[:, None], k), KthBracket(lower, upper, margin)
+
+    margin = bracket.margin
+    lower, upper = bracket.lower, bracket.upper
+    below = s < lower[:, None]
+    band = s <= upper[:, None]
+    n_below = _row_counts(below).long()
+    n_upto = _row_counts(band).long()
+    band &= ~below  # lower <= s <= upper
+    width = n_upto - n_below
+    ok = (n_below < k) & (n_upto >= k) & (width <= 4 * margin + 16)
+    failed = (~ok).nonzero().squeeze(1)
+    if failed.numel():
+        band[failed] = False
+    width = torch.where(ok, width, 0)
+    selected = below  # completed row by row below
+    new_lower, new_upper = lower.clone(), upper.clone()
+
+    if failed.numel() < n_rows:
+        # compact each good row's band into a small dense [n_rows, max_width] matrix and sort it
+        flat = (band if band.is_contiguous() else band.contiguous()).view(-1).nonzero().squeeze(1)
+        rows = flat // n
+        cols = flat - rows * n
+        values = s.view(-1).index_select(0, flat) if s.is_contiguous() else s[rows, cols]
+        max_width = int(width.max())
+        starts = width.cumsum(0) - width
+        slots = rows * max_width + (torch.arange(flat.numel(), device=s.device) - starts.index_select(0, rows))
+        dense = torch.full((n_rows * max_width,), math.inf, dtype=s.dtype, device=s.device)
+        dense[slots] = values
+        dense = dense.view(n_rows, max_width).sort(dim=1).values
+        need = k - n_below  # values still to take from the band, >= 1 on good rows
+        last = max_width - 1
+        kth = dense.gather(1, (need - 1).clamp(0, last)[:, None]).squeeze(1)
+        lo_idx = need - 1 - margin
+        hi_idx = need - 1 + margin
+        lo_val = dense.gather(1, lo_idx.clamp(0, last)[:, None]).squeeze(1)
+        hi_val = dense.gather(1, hi_idx.clamp(0, last)[:, None]).squeeze(1)
+        has_lo, has_hi = lo_idx >= 0, hi_idx < width
+        # The band only holds values inside the old bracket: when the k-th value moved towards one of
+        # its ends, mirror the other side's spread (in value) so the bracket follows the drift.
+        lo_val = torch.where(has_lo, lo_val, torch.where(has_hi, 2 * kth - hi_val, lower))
+        hi_val = torch.where(has_hi, hi_val, torch.where(has_lo, 2 * kth - lo_val, upper))
+        new_lower = torch.where(ok, torch.minimum(lo_val, kth), new_lower)
+        new_upper = torch.where(ok, torch.maximum(hi_val, kth), new_upper)
+        # select: everything below the bracket (already in `selected`) plus the band values <= kth
+        # (band values above it are written False, which they already are: they are not below `lower`)
+        selected[rows, cols] = values <= kth.index_select(0, rows)
+        taken = _row_counts(dense <= kth[:, None])
+        tied = (ok & (taken > need)).nonzero().squeeze(1)  # ties at the k-th value: lowest index wins
+        if tied.numel():
+            s_tied = s[tied]
+            selected[tied] = _select_up_to_kth(s_tied, kth[tied][:, None], k)
+
+    if failed.numel():
+        s_failed = s[failed]
+        kth_f, lower_f, upper_f = _kth_and_bounds(s_failed, k, margin)
+        selected[failed] = _select_up_to_kth(s_failed, kth_f[:, None], k)
+        new_lower[failed] = lower_f
+        new_upper[failed] = upper_f
+    if failed.numel() * 8 > n_rows:
+        margin = min(margin + margin // 2 + 1, _max_margin(n))
+    elif failed.numel() * 64 < n_rows:
+        margin = max(margin - margin // 8, 1)
+    return selected, KthBracket(new_lower, new_upper, margin)
 
 
 def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
@@ -105,23 +251,54 @@ def targeted_weights(w2d: torch.Tensor, gamma: float) -> torch.Tensor:
     return lowest_k(w2d.abs(), fraction_count(gamma, w2d.shape[1]))
 
 
+def targeted_weights_bracketed(
+    w2d: torch.Tensor, gamma: float, bracket: Optional[KthBracket] = None
+) -> tuple[torch.Tensor, Optional[KthBracket]]:
+    """:func:`targeted_weights` (the same mask) through :func:`lowest_k_bracketed`: pass back the
+    returned bracket on the next call for the same layer, after its weights moved a little."""
+    return lowest_k_bracketed(w2d.abs(), fraction_count(gamma, w2d.shape[1]), bracket)
+
+
 def targeted_units(w2d: torch.Tensor, gamma: float) -> torch.Tensor:
     """Unit-level targeting: bool ``[n_out]``, True for the ``floor(gamma * n_out)`` units with the
     smallest ||w_o||_2."""
     return lowest_k(unit_norms(w2d), fraction_count(gamma, w2d.shape[0]))
 
 
+WORD_LEVELS = 1 << 16
+"""Resolution of the dropout probability: α is applied as ``round(α * 2**16) / 2**16``."""
+
+
+def random_words(shape, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Independent uniform random int16 words (all 65,536 values equally likely) of ``shape``: four
+    per 64-bit draw of torch's RNG (``generator`` or the global one), so a quarter of the random
+    bits, and a cheaper comparison, of one float32 ``torch.rand`` per element."""
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(torch.int16)[:numel].view(shape)
+
+
+def drop_word_threshold(alpha: float) -> int:
+    """A random word ``u`` (see :func:`random_words`) means "drop" iff ``u < drop_word_threshold(α)``:
+    probability ``round(α * 2**16) / 2**16``, within ``2**-17`` of α."""
+    return min(WORD_LEVELS // 2, max(-WORD_LEVELS // 2, round(alpha * WORD_LEVELS) - WORD_LEVELS // 2))
+
+
 def sample_drop(targeted: torch.Tensor, alpha: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Drop each targeted element independently with probability ``alpha``: bool, True = dropped.
 
-    ``alpha == 0`` drops nothing and ``alpha == 1`` drops every targeted element; both without
+    Every element gets a random word from :func:`random_words` (targeted or not, so the draw does not
+    depend on the targeting) and is dropped iff it is targeted and its word is below
+    :func:`drop_word_threshold`: the probability is α rounded to a multiple of ``2**-16``.
+    ``alpha`` at 0 or 1 (after that rounding) drops nothing or every targeted element, without
     drawing random numbers."""
-    if alpha <= 0.0:
+    threshold = drop_word_threshold(alpha)
+    if threshold <= -WORD_LEVELS // 2:
         return torch.zeros_like(targeted)
-    if alpha >= 1.0:
+    if threshold >= WORD_LEVELS // 2:
         return targeted.clone()
-    u = torch.rand(targeted.shape, device=targeted.device, generator=generator)
-    return targeted & (u < alpha)
+    return targeted & (random_words(targeted.shape, targeted.device, generator) < threshold)
 
 
 def weight_drop_mask(w2d: torch.Tensor, gamma: float, alpha: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -123,3 +123,109 @@ def test_mask_properties(n_out, fan_in, gamma, alpha, dtype, n_distinct, seed):
     assert int(units.sum()) == math.floor(gamma * n_out + 1e-9)
     masked = w.masked_fill(drop, 0)
     assert not torch.isnan(masked).any()
+
+
+# --- bracketed selection: the optimised exact selection used while training (issue 7) ---
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_rows=st.integers(1, 12),
+    n=st.integers(1, 40),
+    k_fraction=st.floats(0.0, 1.0),
+    n_distinct=st.sampled_from([2, 5, 1000]),
+    transposed=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    bounds=st.lists(st.floats(-1.0, 3.0), min_size=2, max_size=2),
+    margin=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_bracketed_selection_is_exact_for_any_bracket(n_rows, n, k_fraction, n_distinct, transposed, dtype, bounds, margin, seed):
+    """Whatever the bracket (too low, too high, inverted, exact), the mask is lowest_k's, bit for bit,
+    and so is the next call's with the bracket it returned."""
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(0, n_distinct, (n, n_rows) if transposed else (n_rows, n), generator=g) / n_distinct).to(dtype)
+    if transposed:
+        scores = scores.t()  # a [n_rows, n] view with strides (1, n_rows), like GPT-2's Conv1D
+    k = math.floor(k_fraction * n)
+    ranking_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bracket = masking.KthBracket(
+        torch.full((n_rows,), bounds[0], dtype=ranking_dtype), torch.full((n_rows,), bounds[1], dtype=ranking_dtype), margin
+    )
+    expected = masking.lowest_k(scores, k)
+    mask, bracket = masking.lowest_k_bracketed(scores, k, bracket)
+    assert torch.equal(mask, expected)
+    assert torch.equal(masking.lowest_k_bracketed(scores, k, bracket)[0], expected)
+    if bracket is not None:  # 0 < k < n: the returned bounds enclose each row's k-th smallest
+        kth = masking.kth_smallest(scores, k)[:, 0]
+        assert (bracket.lower <= kth).all() and (kth <= bracket.upper).all()
+
+
+def test_bracketed_selection_tracks_drifting_weights_exactly_and_cheaply():
+    """Weights that move every step (and a k that ramps): every mask equals lowest_k's, the bracket
+    keeps almost every row on the cheap path, and the margin stays bounded."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 192) * 0.02
+    bracket = None
+    failed_rows = []
+    for step in range(40):
+        w += 1e-3 * torch.randn(w.shape).sign()  # Adam-like steps: every weight moves by lr
+        k = 100 + step // 4  # a slow γ ramp
+        scores = w.abs()
+        if bracket is not None:
+            kth = masking.kth_smallest(scores, k)[:, 0]
+            failed_rows.append(int(((kth < bracket.lower) | (kth > bracket.upper)).sum()))
+        mask, bracket = masking.lowest_k_bracketed(scores, k, bracket)
+        assert torch.equal(mask, masking.lowest_k(scores, k))
+        assert 1 <= bracket.margin <= 192 // 16
+    assert sum(failed_rows[5:]) / (len(failed_rows[5:]) * 256) < 0.05
+
+
+def test_bracketed_selection_edge_cases_and_errors():
+    s = torch.rand(4, 10)
+    for k in (0, 10, 12):
+        mask, bracket = masking.lowest_k_bracketed(s, k)
+        assert bracket is None and torch.equal(mask, masking.lowest_k(s, k))
+    stale = masking.KthBracket(torch.zeros(3), torch.ones(3), 2)  # another layer's shape: ignored
+    assert torch.equal(masking.lowest_k_bracketed(s, 4, stale)[0], masking.lowest_k(s, 4))
+    with pytest.raises(ValueError, match="`scores` must be 2-D"):
+        masking.lowest_k_bracketed(torch.rand(10), 3)
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 10\]"):
+        masking.kth_smallest(s, 0)
+    w = torch.randn(6, 9)
+    mask, _ = masking.targeted_weights_bracketed(w, 0.5)
+    assert torch.equal(mask, masking.targeted_weights(w, 0.5))
+
+
+# --- random words: the Bernoulli draws ---
+
+
+def test_random_words_are_uniform_16_bit_and_reproducible():
+    g = torch.Generator().manual_seed(0)
+    words = masking.random_words((1000, 401), generator=g)  # an odd count: the last 64-bit draw is cut
+    assert words.dtype == torch.int16 and words.shape == (1000, 401)
+    bits = torch.stack([(words.int() >> b) & 1 for b in range(16)]).float().mean(dim=(1, 2))
+    # 401,000 fair bits per position: standard error 0.0008; 6 sigma
+    assert ((bits - 0.5).abs() < 6 * 0.5 / math.sqrt(words.numel())).all()
+    low_byte = torch.bincount((words.int() & 255).flatten(), minlength=256).float()
+    expected = words.numel() / 256
+    chi2 = float(((low_byte - expected) ** 2 / expected).sum())
+    assert chi2 < 400  # 255 degrees of freedom: p < 1e-7 above this
+    g2 = torch.Generator().manual_seed(0)
+    assert torch.equal(words, masking.random_words((1000, 401), generator=g2))
+
+
+def test_drop_probability_is_alpha_at_16_bit_resolution():
+    assert masking.drop_word_threshold(0.5) == 0
+    assert masking.drop_word_threshold(0.3) == round(0.3 * 65536) - 32768
+    assert masking.drop_word_threshold(1e-6) == -32768  # rounds to 0: nothing dropped
+    assert masking.drop_word_threshold(1 - 1e-6) == 32768  # rounds to 1: every targeted element
+    targeted = torch.ones(50, 50, dtype=torch.bool)
+    assert not masking.sample_drop(targeted, 1e-6).any()
+    assert masking.sample_drop(targeted, 1 - 1e-6).all()
+    # the drop decision is exactly "word < threshold" on the words the same RNG state gives
+    torch.manual_seed(5)
+    drop = masking.sample_drop(targeted, 0.66)
+    torch.manual_seed(5)
+    words = masking.random_words(targeted.shape)
+    assert torch.equal(drop, words < masking.drop_word_threshold(0.66))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_tdrop import TargetedDropoutConfig, patch_model
+from hf_tdrop import TargetedDropoutConfig, masking, patch_model
 from hf_tdrop.layers import MaskedLinearFunction, targeted_set
 
 
@@ -21,7 +21,8 @@ def reference_targeted(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def reference_drop(w2d: torch.Tensor, gamma: float, alpha: float, mode: str) -> torch.Tensor:
-    """The paper's procedure written plainly: rank, target, then Bernoulli(α) on a full-size draw."""
+    """The paper's procedure written plainly: rank by a full stable sort, target, then Bernoulli(α) on a
+    full-size draw."""
     if mode == "weight":
         k = math.floor(gamma * w2d.shape[1] + 1e-9)
         targeted = reference_targeted(w2d.abs(), k)
@@ -32,7 +33,9 @@ def reference_drop(w2d: torch.Tensor, gamma: float, alpha: float, mode: str) -> 
         return torch.zeros_like(targeted)
     if alpha >= 1:
         return targeted
-    return targeted & (torch.rand(targeted.shape) < alpha)
+    # one uniform 16-bit word per element (the documented draw), dropped iff below α's share of 2**16
+    words = masking.random_words(targeted.shape).int() + 32768  # uniform in [0, 65536)
+    return targeted & (words < round(alpha * 65536))
 
 
 @pytest.mark.parametrize("mode", ["weight", "unit"])
@@ -147,3 +150,26 @@ def test_backward_keeps_no_weight_sized_float_copy(mode):
     else:
         assert extra == []
         assert any(t.numel() == 128 and not t.requires_grad for t in saved)  # the [n_out] keep multiplier
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "conv1d"])
+def test_bracketed_targeting_equals_full_sort_over_training(layer_type):
+    """The layer re-ranks every step through the bracket of the previous step; over an Adam run with a
+    γ ramp and a weight reload, its targeted set is the full stable sort's at every step."""
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 64) if layer_type == "linear" else Conv1D(nf=64, nx=96)
+    patch_model(layer, alpha=0.5, gamma=0.5)
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    w2d = (lambda: layer.weight.detach()) if layer_type == "linear" else (lambda: layer.weight.detach().t())
+    for step in range(25):
+        gamma = 0.5 + 0.01 * step
+        layer.tdrop_state.gamma = gamma
+        if step == 15:  # weights replaced wholesale: the old bracket is useless, the set still exact
+            layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+        targeted = targeted_set(layer)
+        k = math.floor(gamma * 96 + 1e-9)
+        assert torch.equal(targeted, reference_targeted(w2d().abs(), k)), step
+        assert layer.tdrop_state.threshold_bracket is not None
+        layer(torch.randn(8, 96)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
