@@ -1,14 +1,15 @@
 """Step-time and memory overhead of targeted dropout (issue 7).
 
 Measures forward + backward + optimizer step of a patched model against the same unpatched model
-(dropout off) and against the unpatched model with HF's standard dropout (p=0.1), in one run:
-every trial runs all variants back to back (interleaved), after warm-up, and the table reports the
-median and minimum time and the ratios to the unpatched baseline. The order of the variants is
-shuffled in every trial (fixed seed), so no variant always follows the same one (the allocator
-state a variant leaves behind affects the next). Two clocks: the process's CPU time
-(``time.process_time``; with one thread it is the compute the step needed, and moves less than wall
-time when other processes share the machine) and wall time. Ratios are computed from CPU time; the
-one from the minimum is the least sensitive to interference (as ``timeit`` recommends).
+(dropout off) and against the unpatched model with HF's standard dropout (p=0.1), in one run.
+After warm-up, each timed step of a variant is paired with a step of the unpatched model run right
+before or after it (random order); the "paired median" ratio is the median of those per-pair
+ratios: the machine's slow and fast spells (on this VM the same step's time wanders by ±20 % over
+seconds) hit both steps of a pair alike and cancel. The ratio of the minima is a second, less
+robust, estimate. The order of the variants is shuffled in every trial (fixed seed). Two clocks:
+the process's CPU time (``time.process_time``; with one thread it is the compute the step needed)
+and wall time; ratios use CPU time. The default optimizer is AdamW at lr 1e-3, which moves every
+weight at every step, so the magnitude ranking really changes between steps.
 
 Models are built from configs (random weights, nothing downloaded):
 - ``bert``: a BERT-base-sized encoder stack (hidden 768, FFN 3072, 12 heads), ``--layers`` layers;
@@ -19,7 +20,7 @@ deterministic) for patched vs unpatched, per targeted layer, in units of that la
 
 Example::
 
-    python benchmarks/step_overhead.py --tokens 512 2048 8192 --trials 7
+    OMP_NUM_THREADS=1 python benchmarks/step_overhead.py --layers 1 --tokens 512 2048 8192 --trials 7
 """
 
 from __future__ import annotations
@@ -103,23 +104,31 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192],
                         help="Tokens per batch (sequence length 128; batch = tokens / 128).")
     parser.add_argument("--modes", nargs="+", default=["weight", "unit"], help="Targeting modes to measure.")
-    parser.add_argument("--trials", type=int, default=5, help="Timed trials per variant (median reported).")
+    parser.add_argument("--trials", type=int, default=7,
+                        help="Timed (unpatched, variant) pairs per variant; medians and minima over them are reported.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed warm-up steps per variant.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1, so CPU time measures the step's compute).")
     parser.add_argument("--refresh_every", type=int, default=10,
                         help="Also measure patched models that re-target every N optimizer steps (1 = skip).")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                        help="Optimizer of the timed step (AdamW moves every weight by about lr per step: "
+                             "the weight ranking changes at every step).")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Learning rate of the timed steps.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     seq = 128
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers, "
-          f"alpha=0.66 gamma=0.75, {args.trials} trials per variant in shuffled interleaved order (median and min reported)\n")
-    print("| model | tokens | variant | CPU ms/step (median) | ratio (median) | CPU ms/step (min) | ratio (min) | wall ms/step (median) | saved-for-backward MB | extra saved / targeted weight bytes |")
+          f"alpha=0.66 gamma=0.75, {args.optimizer} lr={args.lr}, {args.trials} timed (unpatched, variant) pairs "
+          f"per variant\n")
+    print("| model | tokens | variant | CPU ms/step (median) | CPU ms/step (min) | ratio (paired median) | "
+          "ratio (min/min) | wall ms/step (median) | saved-for-backward MB | extra saved / targeted weight bytes |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     for arch in args.archs:
         variants = make_variants(arch, args.layers, args.modes, args.refresh_every)
-        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in variants.items()}
+        opts = {k: optimizer_cls(m.parameters(), lr=args.lr) for k, m in variants.items()}
         for tokens in args.tokens:
             ids = torch.randint(0, 1000, (max(1, tokens // seq), seq))
             for name, model in variants.items():
@@ -127,31 +136,41 @@ def main(argv=None) -> None:
                     step(model, opts[name], ids)
             cpu = {k: [] for k in variants}
             wall = {k: [] for k in variants}
-            order = list(variants)
+            ratios = {k: [] for k in variants}
+            others = [k for k in variants if k != "unpatched"]
             rng = random.Random(0)
+
+            def timed(name):
+                c0, t0 = time.process_time(), time.perf_counter()
+                step(variants[name], opts[name], ids)
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - t0)
+                return cpu[name][-1]
+
             for _ in range(args.trials):
-                rng.shuffle(order)
-                for name in order:
-                    model = variants[name]
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    step(model, opts[name], ids)
-                    cpu[name].append(time.process_time() - c0)
-                    wall[name].append(time.perf_counter() - t0)
-            base_t = statistics.median(cpu["unpatched"])
+                rng.shuffle(others)
+                for name in others:
+                    # a pair: the variant and the baseline back to back (in random order), so the
+                    # machine's slow and fast spells, which last seconds, hit both alike
+                    if rng.random() < 0.5:
+                        base = timed("unpatched")
+                        ratios[name].append(timed(name) / base)
+                    else:
+                        t = timed(name)
+                        ratios[name].append(t / timed("unpatched"))
+            ratios["unpatched"] = [1.0]
             base_min = min(cpu["unpatched"])
             base_saved = saved_bytes(variants["unpatched"], ids)
             for name, model in variants.items():
-                t = statistics.median(cpu[name])
                 saved = saved_bytes(model, ids)
                 extra = ""
                 if name.startswith("tdrop"):
                     weight_bytes = sum(dict(model.named_modules())[n].weight.nbytes for n in targeted_layers(model))
                     extra = f"{(saved - base_saved) / weight_bytes:.3f}"
                 t_min = min(cpu[name])
-                print(f"| {arch} | {tokens} | {name} | {t * 1e3:.1f} | {t / base_t:.3f} | {t_min * 1e3:.1f} | "
-                      f"{t_min / base_min:.3f} | {statistics.median(wall[name]) * 1e3:.1f} | {saved / 2**20:.1f} | {extra} |",
-                      flush=True)
-
+                print(f"| {arch} | {tokens} | {name} | {statistics.median(cpu[name]) * 1e3:.1f} | {t_min * 1e3:.1f} | "
+                      f"{statistics.median(ratios[name]):.3f} | {t_min / base_min:.3f} | "
+                      f"{statistics.median(wall[name]) * 1e3:.1f} | {saved / 2**20:.1f} | {extra} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -62,7 +62,8 @@ class TargetedDropoutConfig:
     The expected fraction of weights kept is ``1 - gamma * alpha``.
 
     Args:
-        alpha: drop probability of a targeted element, in [0, 1].
+        alpha: drop probability of a targeted element, in [0, 1] (applied at a resolution of
+            ``2**-16``: the draws are 16-bit random words, see ``masking.sample_drop``).
         gamma: targeted fraction, in [0, 1]. Weight mode targets ``floor(gamma * fan_in)`` entries of
             each output unit's weight vector w_o; unit mode targets ``floor(gamma * n_out)`` units.
         mode: ``"weight"`` or ``"unit"``.

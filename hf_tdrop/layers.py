@@ -106,11 +106,12 @@ def sample_drop_mask(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Opt
     return drop, scale
 
 
-def keep_multiplier(drop: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``1`` where kept, ``0`` where dropped, in ``dtype``. Multiplying by it is several times faster
-    on CPU than ``masked_fill``/``where`` with a bool mask, and gives the same values and the same
-    (zero) gradient for dropped entries."""
-    return (~drop).to(dtype)
+def keep_multiplier(drop: torch.Tensor) -> torch.Tensor:
+    """``1`` where kept, ``0`` where dropped: ``uint8``, the bytes of ``~drop``. Multiplying a float
+    tensor by it gives that tensor's dtype, the same values and the same (zero) gradient for
+    dropped entries as ``masked_fill``/``where`` with the bool mask, several times faster on CPU,
+    and faster than converting the mask to the float dtype first (no float copy of the mask)."""
+    return (~drop).view(torch.uint8)
 
 
 _untraced_sample_drop_mask = None
@@ -139,13 +140,13 @@ class MaskedLinearFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, drop):
         ctx.save_for_backward(input, weight, drop)
         ctx.has_bias = bias is not None
-        return F.linear(input, weight * keep_multiplier(drop, weight.dtype), bias)
+        return F.linear(input, weight * keep_multiplier(drop), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         input, weight, drop = ctx.saved_tensors
         dtype = grad_out.dtype
-        keep = keep_multiplier(drop, weight.dtype)
+        keep = keep_multiplier(drop)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = (grad_out @ (weight * keep).to(dtype)).to(input.dtype)
@@ -176,7 +177,7 @@ class TargetedDropoutMixin:
             out = super().forward(input)
             # out of place on purpose: for N-D inputs the layer's output is a view, and an in-place
             # multiply of a view makes autograd rebuild the base (CopySlices) in backward
-            out = out * keep_multiplier(drop, out.dtype).view(self._unit_shape(out))
+            out = out * keep_multiplier(drop).view(self._unit_shape(out))
         else:
             out = self._weight_masked_forward(input, drop, scale)
             scale = None  # applied to the weight already
@@ -200,7 +201,7 @@ class TargetedDropoutConv1D(TargetedDropoutMixin, Conv1D):
 
 class _TargetedDropoutConvNd(TargetedDropoutMixin):
     def _weight_masked_forward(self, input, drop, scale):
-        weight = self.weight * keep_multiplier(drop, self.weight.dtype)
+        weight = self.weight * keep_multiplier(drop)
         if scale is not None:
             weight = weight * scale
         return self._conv_forward(input, weight, self.bias)

@@ -182,7 +182,7 @@ def lowest_k_bracketed(
     band = s <= upper[:, None]
     n_below = _row_counts(below).long()
     n_upto = _row_counts(band).long()
-    band &= ~below  # lower <= s <= upper
+    band ^= below  # lower <= s <= upper on every row that can pass the check below (there below ⊆ band)
     width = n_upto - n_below
     ok = (n_below < k) & (n_upto >= k) & (width <= 4 * margin + 16)
     failed = (~ok).nonzero().squeeze(1)
