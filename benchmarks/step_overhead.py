@@ -97,6 +97,32 @@ def saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
+def op_breakdown(variants: dict, opts: dict, ids: torch.Tensor, name: str, steps: int, arch: str, tokens: int) -> None:
+    """Where a variant's extra time goes: torch.profiler self CPU time per op, per step, variant minus
+    unpatched (ops whose difference is at least 0.5 ms/step)."""
+    per_op = {}
+    for which in ("unpatched", name):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step(variants[which], opts[which], ids)
+        per_op[which] = {e.key: (e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in prof.key_averages()}
+    base, var = per_op["unpatched"], per_op[name]
+    rows = []
+    for op in set(base) | set(var):
+        (tb, nb), (tv, nv) = base.get(op, (0.0, 0)), var.get(op, (0.0, 0))
+        if abs(tv - tb) >= 0.5:
+            rows.append((tv - tb, op, tb, nb, tv, nv))
+    rows.sort(reverse=True)
+    total_base, total_var = sum(t for t, _ in base.values()), sum(t for t, _ in var.values())
+    print(f"\nOp breakdown, {arch} {tokens} tokens, {name} vs unpatched ({steps} profiled steps each; "
+          f"total self CPU {total_base:.1f} -> {total_var:.1f} ms/step, difference {total_var - total_base:+.1f}):\n")
+    print("| op | unpatched ms/step (calls) | variant ms/step (calls) | difference ms/step |")
+    print("|---|---:|---:|---:|")
+    for diff, op, tb, nb, tv, nv in rows:
+        print(f"| `{op}` | {tb:.1f} ({nb:g}) | {tv:.1f} ({nv:g}) | {diff:+.1f} |")
+    print(flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["bert", "gpt2"], help="Architectures: bert, gpt2.")
@@ -115,6 +141,9 @@ def main(argv=None) -> None:
                         help="Optimizer of the timed step (AdamW moves every weight by about lr per step: "
                              "the weight ranking changes at every step).")
     parser.add_argument("--lr", type=float, default=1e-3, help="Learning rate of the timed steps.")
+    parser.add_argument("--profile_ops", type=int, default=0,
+                        help="After the timings of each token count, profile this many steps of 'tdrop weight' and "
+                             "of the unpatched model and print where the extra time goes, op by op (0 = skip).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -171,6 +200,8 @@ def main(argv=None) -> None:
                 print(f"| {arch} | {tokens} | {name} | {statistics.median(cpu[name]) * 1e3:.1f} | {t_min * 1e3:.1f} | "
                       f"{statistics.median(ratios[name]):.3f} | {t_min / base_min:.3f} | "
                       f"{statistics.median(wall[name]) * 1e3:.1f} | {saved / 2**20:.1f} | {extra} |", flush=True)
+            if args.profile_ops and "tdrop weight" in variants:
+                op_breakdown(variants, opts, ids, "tdrop weight", args.profile_ops, arch, tokens)
 
 if __name__ == "__main__":
     main()

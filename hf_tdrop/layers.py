@@ -96,9 +96,12 @@ def sample_drop_mask(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Opt
     state: TargetingState = getattr(module, STATE_ATTR)
     weight = module.weight
     alpha = state.alpha if sample else 1.0
-    drop = masking.sample_drop(targeted_set(module), alpha)
+    targeted = targeted_set(module)
     if state.mode == "weight":
-        drop = masking.to_weight_layout(drop, weight, state.layout)
+        # drawn in the weight's own layout (one random word per weight, in storage order), so the
+        # draw and every mask op after it run on memory in order, also for Conv1D's [in, out]
+        targeted = masking.to_weight_layout(targeted, weight, state.layout)
+    drop = masking.sample_drop(targeted, alpha)
     scale = None
     if sample and state.rescale:
         kept = 1.0 - state.gamma * alpha
@@ -153,7 +156,12 @@ class MaskedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g2d = grad_out.reshape(-1, grad_out.shape[-1])
             x2d = input.reshape(-1, input.shape[-1]).to(dtype)
-            grad_weight = (g2d.t() @ x2d).to(weight.dtype).mul_(keep)
+            if not weight.is_contiguous() and weight.t().is_contiguous():
+                # a transposed view (Conv1D's [in, out] weight): produce the gradient in the
+                # parameter's own layout, so neither the mask nor autograd has to transpose it
+                grad_weight = (x2d.t() @ g2d).to(weight.dtype).mul_(keep.t()).t()
+            else:
+                grad_weight = (g2d.t() @ x2d).to(weight.dtype).mul_(keep)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_input, grad_weight, grad_bias, None

@@ -3,13 +3,14 @@
 Every function here works on a weight matrix viewed as ``[n_out, fan_in]``: row ``o`` is w_o, all
 the weights feeding output unit (or channel) ``o``. :func:`unit_matrix` makes that view for the
 supported layouts. Nothing here touches modules, and nothing draws random numbers except
-:func:`sample_drop`, which uses torch's global RNG (reproducible under ``torch.manual_seed``) unless
-a ``generator`` is given.
+:func:`sample_drop` / :func:`random_words` (and the random-pruning masks), which use torch's global
+RNG (reproducible under ``torch.manual_seed``) unless a ``generator`` is given.
 
-Selection is a partial selection per row (``topk`` of the smaller side, plus a cumulative count only
-when ties need breaking), never a full sort,
-and ranks in float32 whatever the weight's dtype, so exactly ``k`` elements are selected even when
-low-precision weights tie.
+Selection ranks in float32 whatever the weight's dtype, so exactly ``k`` elements are selected even
+when low-precision weights tie (ties go to the lowest index). :func:`lowest_k` is a partial
+selection per row (``topk`` of the smaller side, plus a cumulative count only when ties need
+breaking), never a full sort; :func:`lowest_k_bracketed` gives the same mask for weights that move
+a little between calls (training), mostly by counting against the previous call's thresholds.
 """
 
 from __future__ import annotations
@@ -197,7 +198,12 @@ def lowest_k_bracketed(
         flat = (band if band.is_contiguous() else band.contiguous()).view(-1).nonzero().squeeze(1)
         rows = flat // n
         cols = flat - rows * n
-        values = s.view(-1).index_select(0, flat) if s.is_contiguous() else s[rows, cols]
+        if s.is_contiguous():
+            values = s.view(-1).index_select(0, flat)
+        elif s.t().is_contiguous():  # the [n_out, fan_in] view of Conv1D's [in, out] weight
+            values = s.t().reshape(-1).index_select(0, cols * n_rows + rows)
+        else:
+            values = s[rows, cols]
         max_width = int(width.max())
         starts = width.cumsum(0) - width
         slots = rows * max_width + (torch.arange(flat.numel(), device=s.device) - starts.index_select(0, rows))
