@@ -132,3 +132,24 @@ def test_mlp_structure_and_pruning_counts():
     assert [l.name for l in report.layers] == ["layers.0"]
     with pytest.raises(ValueError, match="input_size"):
         model(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("which", ["resnet", "mlp"])
+def test_classifier_outputs_dict_and_tuple_agree(which):
+    torch.manual_seed(0)
+    if which == "resnet":
+        model = CifarResNetForImageClassification(CifarResNetConfig(blocks_per_stage=1, stage_channels=[4, 8, 16], num_labels=3))
+        x = torch.randn(4, 3, 8, 8)
+    else:
+        model = MLPForImageClassification(MLPConfig(input_size=12, hidden_sizes=[6], num_labels=3))
+        x = torch.randn(4, 12)
+    model.eval()
+    labels = torch.tensor([0, 2, 1, 2])
+    out = model(x, labels=labels)
+    loss, logits = model(x, labels=labels, return_dict=False)
+    torch.testing.assert_close(logits, out.logits)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(out.logits, labels))
+    assert out.loss is not None and torch.equal(loss, out.loss)
+    (only_logits,) = model(x, return_dict=False)
+    torch.testing.assert_close(only_logits, out.logits)
+    assert model(x).loss is None

@@ -18,6 +18,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 
+from .outputs import classification_output
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
@@ -97,8 +99,4 @@ class MLPForImageClassification(MLPPreTrainedModel):
         for layer in self.layers:
             x = self.act(layer(x))
         logits = self.classifier(x)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if not return_dict:
-            return (loss, logits) if loss is not None else (logits,)
-        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
+        return classification_output(logits, labels, return_dict, self.config)
