@@ -38,6 +38,9 @@ from hf_tdrop import TargetedDropoutConfig, patch_model, targeted_layers
 
 logger = logging.getLogger("step_overhead")
 
+ALPHA, GAMMA = 0.66, 0.75
+NM_GAMMA = 1.0
+
 
 def build(arch: str, layers: int, dropout: float) -> nn.Module:
     if arch == "bert":
@@ -67,8 +70,11 @@ def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int) 
     for mode, refresh in settings:
         model = build(arch, layers, 0.0)
         model.load_state_dict(base.state_dict())
-        patch_model(model, config=TargetedDropoutConfig(alpha=0.66, gamma=0.75, mode=mode, refresh_every=refresh))
-        variants[f"tdrop {mode}" + (f" refresh_every={refresh}" if refresh > 1 else "")] = model
+        # nm: every group of 4 inputs targeted (γ = 1), the setting of a 2:4 run
+        gamma = NM_GAMMA if mode == "nm" else GAMMA
+        patch_model(model, config=TargetedDropoutConfig(alpha=ALPHA, gamma=gamma, mode=mode, refresh_every=refresh))
+        label = "tdrop nm 2:4" if mode == "nm" else f"tdrop {mode}"
+        variants[label + (f" refresh_every={refresh}" if refresh > 1 else "")] = model
     for model in variants.values():
         model.train()
     return variants
@@ -129,7 +135,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2, help="Encoder layers / GPT-2 blocks per model.")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192],
                         help="Tokens per batch (sequence length 128; batch = tokens / 128).")
-    parser.add_argument("--modes", nargs="+", default=["weight", "unit"], help="Targeting modes to measure.")
+    parser.add_argument("--modes", nargs="+", default=["weight", "unit", "nm"],
+                        help="Targeting modes to measure (nm: 2:4 with gamma=1, every group targeted).")
     parser.add_argument("--trials", type=int, default=7,
                         help="Timed (unpatched, variant) pairs per variant; medians and minima over them are reported.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed warm-up steps per variant.")
@@ -149,7 +156,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     seq = 128
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers, "
-          f"alpha=0.66 gamma=0.75, {args.optimizer} lr={args.lr}, {args.trials} timed (unpatched, variant) pairs "
+          f"alpha={ALPHA} gamma={GAMMA} (nm 2:4: gamma={NM_GAMMA:g}), {args.optimizer} lr={args.lr}, "
+          f"{args.trials} timed (unpatched, variant) pairs "
           f"per variant\n")
     print("| model | tokens | variant | CPU ms/step (median) | CPU ms/step (min) | ratio (paired median) | "
           "ratio (min/min) | wall ms/step (median) | saved-for-backward MB | extra saved / targeted weight bytes |")

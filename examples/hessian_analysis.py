@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=0.75, help="γ of the targeted-dropout run (paper: 0.75).")
     p.add_argument("--tdrop_mode", choices=["weight", "unit"], default="weight", help="Targeting of the TD run.")
     p.add_argument("--prune_fraction", type=float, default=0.75, help="Fraction pruned (lowest magnitude, per unit).")
-    p.add_argument("--epochs", type=int, default=30, help="Training epochs (Adam). Much longer training drives the unregularised training loss to ~0, where the Hessian vanishes and the quadratic estimate stops describing pruning (see README).")
+    p.add_argument("--epochs", type=int, default=30, help="Training epochs (Adam). Much longer training drives the unregularised training loss to ~0, where the Hessian vanishes and the quadratic estimate stops describing pruning (see docs/reproductions/hessian.md).")
     p.add_argument("--batch_size", type=int, default=64, help="Mini-batch size.")
     p.add_argument("--learning_rate", type=float, default=1e-2, help="Adam learning rate.")
     p.add_argument("--seed", type=int, default=0, help="Seed (same for both runs: same init and data order).")

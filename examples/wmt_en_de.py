@@ -6,26 +6,16 @@ checkpoint) with or without targeted dropout, then sweeps magnitude pruning (wei
 mode) and reports detokenised sacreBLEU and per-token accuracy at every pruning level, on the
 validation and test splits. In the style of transformers' ``run_translation_no_trainer.py``.
 
-    # the paper's setting, on the hub's WMT14 (needs network), any number of GPUs:
-    accelerate launch examples/wmt_en_de.py --model_preset transformer-base --vocab_size 32000 \\
-        --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --output_dir runs/wmt14-td
-
-    # offline, local parallel text (plain / gzipped / JSON lines), CPU:
-    accelerate launch --cpu examples/wmt_en_de.py --model_preset tiny \\
-        --train_files ../shared/data/multi30k/train.en.gz ../shared/data/multi30k/train.de.gz \\
-        --validation_files ../shared/data/multi30k/val.en.gz ../shared/data/multi30k/val.de.gz \\
-        --test_files ../shared/data/wmt14/newstest2014.en.gz ../shared/data/wmt14/newstest2014.de.gz \\
-        --output_dir runs/m30k-td --td_mode weight
-
-    # put several finished runs side by side (paper-shaped tables + plot):
-    python examples/wmt_en_de.py --combine_runs runs/m30k-none runs/m30k-td --output_dir results/wmt_en_de
-
-Run with ``--help`` for every flag.
+The run goes through five steps, each a function below: ``load_data`` (read and check the
+splits), ``build_tokenizer_and_model`` (and patch it with targeted dropout), ``train``,
+``run_sweeps`` and ``export`` (push to the Hub). Bad flags and bad data stop the run in the first
+two steps, before anything is written, with one line naming the flag and file and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -69,6 +59,25 @@ from hf_tdrop.schedules import SCHEDULE_KINDS  # noqa: E402
 
 logger = get_logger(__name__)
 
+EXAMPLES = """examples:
+  # CPU, offline, local parallel text (plain, gzipped or JSON lines; e.g. Multi30K's train.en.gz /
+  # train.de.gz / test_2016_flickr.en.gz ...): a 2.2 M-parameter model, ≈45 min of training on one core
+  OMP_NUM_THREADS=1 python examples/wmt_en_de.py --model_preset tiny --vocab_size 6000 \\
+      --train_files data/train.en.gz data/train.de.gz \\
+      --test_files data/test_2016_flickr.en.gz data/test_2016_flickr.de.gz --max_test_samples 500 \\
+      --max_train_steps 600 --num_beams 1 --max_target_length 64 \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --output_dir runs/cpu-td
+
+  # the paper's setting, on the hub's WMT14 (needs network), any number of GPUs:
+  accelerate launch examples/wmt_en_de.py --model_preset transformer-base --vocab_size 32000 \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --output_dir runs/wmt14-td
+
+  # re-evaluate a trained model, then put several finished runs side by side:
+  python examples/wmt_en_de.py --no-do_train --model_name_or_path runs/cpu-td \\
+      --test_files data/newstest2014.en data/newstest2014.de --output_dir runs/cpu-td-eval
+  python examples/wmt_en_de.py --combine_runs runs/cpu-none runs/cpu-td --output_dir runs/tables
+"""
+
 # Architecture presets (MarianMTModel built from a config: post-norm Transformer, sinusoidal
 # positions, shared source/target/output embeddings). "transformer-base" is Vaswani et al.'s base
 # model used in the paper; "tiny" is sized to train on a couple of CPU cores.
@@ -83,12 +92,39 @@ MODEL_PRESETS = {
                  learning_rate=1e-3, num_warmup_steps=200),
 }
 TD_MODES = ("none",) + tuple(MODES)
+PROG = "wmt_en_de.py"
 SWEEP_FILE = "sweep-{split}-{mode}"
 
 
+class InputError(Exception):
+    """A bad flag or bad data, found before anything is written: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line (no usage block), like every other bad-input error of the script
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' line breaks; shows a flag's default unless it is None (then the help
+    text says what is used instead)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def fail(message: str) -> None:
+    """Stop with ``wmt_en_de.py: error: <message>`` on one line and exit status 2."""
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(message).split())}\n")
+    raise SystemExit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default="wmt14", help="`datasets` hub id (ignored when local files are given).")
     g.add_argument("--dataset_config_name", default="de-en", help="Config of --dataset_name.")
@@ -178,23 +214,60 @@ def parse_args(argv=None):
 
 
 def validate_args(parser, args):
+    """Flag errors: every check that needs no data, so a bad command line stops before anything runs."""
     if args.combine_runs:
+        for run_dir in args.combine_runs:
+            if not any(Path(run_dir).glob("sweeps/sweep-*.json")):
+                parser.error(f"--combine_runs: no sweeps/sweep-*.json in {run_dir!r} (is the run finished?).")
         return
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "num_beams", "vocab_size", "max_source_length", "max_target_length"):
+                 "num_beams", "max_source_length", "max_target_length", "num_train_epochs", "logging_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("max_train_samples", "max_eval_samples", "max_test_samples", "max_train_steps", "td_ramp_steps",
+                 "preprocessing_num_workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.vocab_size < 16:
+        parser.error(f"--vocab_size must be >= 16, got {args.vocab_size}.")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        parser.error(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if (args.num_warmup_steps is not None and args.num_warmup_steps < 0) or args.td_delay_steps < 0:
+        parser.error("--num_warmup_steps and --td_delay_steps must be >= 0.")
     for name in ("td_alpha", "td_gamma"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
     if any(not 0.0 <= s < 1.0 for s in args.sweep_sparsities):
         parser.error(f"--sweep_sparsities must be in [0, 1), got {args.sweep_sparsities}.")
+    if len(set(args.sweep_sparsities)) != len(args.sweep_sparsities):
+        parser.error(f"--sweep_sparsities must be distinct, got {args.sweep_sparsities}.")
+    if not 0.0 <= args.push_sparsity < 1.0:
+        parser.error(f"--push_sparsity must be in [0, 1), got {args.push_sparsity}.")
+    if args.td_ramp_fraction is not None and not 0.0 < args.td_ramp_fraction <= 1.0:
+        parser.error(f"--td_ramp_fraction must be in (0, 1], got {args.td_ramp_fraction}.")
     if args.td_schedule != "constant" and (args.td_ramp_fraction is None) == (args.td_ramp_steps is None):
         parser.error(f"--td_schedule {args.td_schedule} needs exactly one of --td_ramp_fraction / --td_ramp_steps.")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id.")
     if not args.do_train and not args.model_name_or_path:
         parser.error("--no-do_train needs --model_name_or_path (a trained model to evaluate).")
+    steps = args.checkpointing_steps
+    if steps is not None and steps != "epoch" and (not steps.isdigit() or int(steps) < 1):
+        parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {steps!r}.")
+    if args.resume_from_checkpoint:
+        if not args.do_train:
+            parser.error("--resume_from_checkpoint needs training (drop --no-do_train).")
+        if args.resume_from_checkpoint == "latest":
+            if not checkpoint_dirs(Path(args.output_dir)):
+                parser.error(f"--resume_from_checkpoint latest: no step_*/epoch_* folder in {args.output_dir!r}.")
+        elif not Path(args.resume_from_checkpoint).is_dir():
+            parser.error(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}.")
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The ``step_N`` / ``epoch_N`` state folders written by ``--checkpointing_steps``."""
+    return [d for d in output_dir.glob("*_*") if d.is_dir() and d.name.split("_")[0] in ("step", "epoch")
+            and d.name.split("_", 1)[1].isdigit()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,12 +294,9 @@ def build_model(args, tokenizer):
     return model
 
 
-def get_tokenizer(args, raw, accelerator):
+def get_tokenizer(args, raw):
     if args.tokenizer_name or args.model_name_or_path:
         return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
-    if "train" not in raw:
-        raise ValueError("Training a tokenizer needs training data: give --train_files (or a --dataset_name with a "
-                         "train split) or a pretrained --tokenizer_name.")
     # Deterministic: every process trains the same vocabulary on the same data.
     logger.info(f"Training a joint BPE vocabulary of {args.vocab_size} on {len(raw['train'])} pairs")
     return train_joint_tokenizer(raw["train"], [args.source_lang, args.target_lang], args.vocab_size)
@@ -328,16 +398,26 @@ def combine_runs(args):
 
 
 # --------------------------------------------------------------------------------------------------
-# main
+# the steps of a run
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.combine_runs:
-        logging.basicConfig(format="%(message)s", level=logging.INFO)
-        combine_runs(args)
-        return
+@contextlib.contextmanager
+def no_transformers_progress_bars():
+    """Hide transformers' own progress bars inside the block, e.g. the "Writing model shards" bar of
+    ``save_pretrained``, which would otherwise interleave with the training / sweep bars in a log
+    file. The script's own bars (``tqdm.auto``) are not affected; the previous setting comes back
+    afterwards."""
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def setup_accelerator(args) -> Accelerator:
     # A seedable sampler makes the shuffling a function of (seed, epoch), so a resumed run sees the
     # same batches as an uninterrupted one.
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -345,38 +425,81 @@ def main(argv=None):
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
     else:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
-    set_seed(args.seed)
+    return accelerator
+
+
+def load_data(args) -> datasets.DatasetDict:
+    """Step 1: the raw splits, checked (files exist, parallel files align, languages present, splits
+    non-empty, a train split when training or training a tokenizer). Raises :class:`InputError`."""
+    try:
+        raw = load_translation_splits(
+            source_lang=args.source_lang, target_lang=args.target_lang, dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name, train_files=args.train_files,
+            validation_files=args.validation_files, test_files=args.test_files, cache_dir=args.cache_dir,
+            max_samples={"train": args.max_train_samples, "validation": args.max_eval_samples,
+                         "test": args.max_test_samples})
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(str(err)) from None
+    except ConnectionError as err:  # the hub's data set, offline or unreachable
+        raise InputError(f"--dataset_name {args.dataset_name}: {err}. Give local files with --train_files / "
+                         "--validation_files / --test_files.") from None
+    if args.do_train and "train" not in raw:
+        raise InputError("training needs a train split: give --train_files (or a --dataset_name with a train "
+                         "split), or evaluate only with --no-do_train --model_name_or_path DIR.")
+    if not (args.tokenizer_name or args.model_name_or_path) and "train" not in raw:
+        raise InputError("training a tokenizer needs training data: give --train_files (or a --dataset_name with "
+                         "a train split) or a pretrained --tokenizer_name.")
+    if args.do_sweep and not any(s in raw for s in args.eval_splits):
+        raise InputError(f"--eval_splits {' '.join(args.eval_splits)}: the data has only {sorted(raw)}; give "
+                         "--validation_files / --test_files, other --eval_splits, or --no-do_sweep.")
+    missing = [s for s in args.eval_splits if s not in raw] if args.do_sweep else []
+    if missing:
+        logger.warning(f"No data for eval split(s) {missing}; they are skipped")
+    return raw
+
+
+def build_tokenizer_and_model(args, raw):
+    """Step 2: the tokenizer (pretrained, or a joint BPE vocabulary trained on the training text) and
+    the model, patched with targeted dropout unless ``--td_mode none``. Raises :class:`InputError`."""
+    try:
+        tokenizer = get_tokenizer(args, raw)
+    except OSError as err:
+        flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+        raise InputError(f"{flag} {args.tokenizer_name or args.model_name_or_path}: cannot load a tokenizer "
+                         f"({err}).") from None
+    try:
+        model = build_model(args, tokenizer)
+    except OSError as err:
+        raise InputError(f"--model_name_or_path {args.model_name_or_path}: cannot load a seq2seq model ({err}).") from None
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"Model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    if args.td_mode != "none":
+        try:
+            patch_model(model, alpha=args.td_alpha, gamma=args.td_gamma, mode=args.td_mode,
+                        target_modules=args.td_target_modules)
+        except ValueError as err:
+            raise InputError(f"--td_target_modules: {err}" if args.td_target_modules else str(err)) from None
+    return tokenizer, model
+
+
+def prepare_output_dir(args, accelerator) -> Path:
+    """The first write of a run: ``--output_dir`` and its ``args.json``."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
-    t_start = time.time()
+    return output_dir
 
-    # ---------------------------------------------------------------- data
-    raw = load_translation_splits(
-        source_lang=args.source_lang, target_lang=args.target_lang, dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name, train_files=args.train_files,
-        validation_files=args.validation_files, test_files=args.test_files, cache_dir=args.cache_dir,
-        max_samples={"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples})
-    if args.do_train and "train" not in raw:
-        raise ValueError("--do_train needs a train split (--train_files or --dataset_name).")
-    eval_splits = [s for s in args.eval_splits if s in raw] if args.do_sweep else []
-    missing = [s for s in args.eval_splits if s not in raw] if args.do_sweep else []
-    if missing:
-        logger.warning(f"No data for eval split(s) {missing}; they are skipped")
-    tokenizer = get_tokenizer(args, raw, accelerator)
-    model = build_model(args, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"Model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
+def tokenize_splits(args, raw, tokenizer, accelerator):
+    """Token ids of every split (``idx`` keeps each example's position, ``src_len`` sorts eval batches)."""
     src, tgt, prefix = args.source_lang, args.target_lang, args.source_prefix
 
     def preprocess(examples, indices):
@@ -397,150 +520,151 @@ def main(argv=None):
             for split in raw}
     collator = DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=-100,
                                       pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
+    return processed, collator
 
-    # ---------------------------------------------------------------- targeted dropout
-    if args.td_mode != "none":
-        patch_model(model, alpha=args.td_alpha, gamma=args.td_gamma, mode=args.td_mode,
-                    target_modules=args.td_target_modules)
-    run_name = run_name_of(args)
+
+def resume_position(args, accelerator, output_dir: Path, updates_per_epoch: int):
+    """Load ``--resume_from_checkpoint``'s state; returns (completed updates, epoch, micro-batches to skip)."""
+    path = args.resume_from_checkpoint
+    if path == "latest":
+        path = str(max(checkpoint_dirs(output_dir), key=os.path.getmtime))
+    accelerator.print(f"Resumed from checkpoint: {path}")
+    accelerator.load_state(path)
+    name = Path(path).name
+    if name.startswith("epoch_"):
+        starting_epoch = int(name.split("_")[1]) + 1
+        return starting_epoch * updates_per_epoch, starting_epoch, None
+    completed_steps = int(name.split("_")[1])
+    return (completed_steps, completed_steps // updates_per_epoch,
+            (completed_steps % updates_per_epoch) * args.gradient_accumulation_steps)
+
+
+def train(args, model, tokenizer, processed, collator, accelerator, output_dir: Path):
+    """Step 3: train with the targeting schedule, checkpoint, save the final (unpruned) model.
+
+    Returns the model prepared by ``accelerator``."""
     preset = MODEL_PRESETS[args.model_preset] if not args.model_name_or_path else {}
     lr = args.learning_rate if args.learning_rate is not None else preset.get("learning_rate", 5e-5)
     warmup = args.num_warmup_steps if args.num_warmup_steps is not None else preset.get("num_warmup_steps", 0)
+    n_params = sum(p.numel() for p in model.parameters())
+    train_set = processed["train"].remove_columns(["idx", "src_len"])
+    # Own generator: starting an epoch's iterator must not draw from the global RNG (which
+    # drives dropout / targeted-dropout masks and is restored exactly by load_state).
+    train_loader = DataLoader(train_set, shuffle=True, collate_fn=collator,
+                              batch_size=args.per_device_train_batch_size,
+                              generator=torch.Generator().manual_seed(args.seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, args.adam_beta2), eps=1e-9,
+                                  weight_decay=args.weight_decay)
+    # Like run_translation_no_trainer: count updates after sharding across processes.
+    updates_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes)
+                                  / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                                 num_warmup_steps=warmup * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    model, optimizer, train_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, lr_scheduler)
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    td_scheduler = None
+    if args.td_mode != "none":
+        schedule = TargetingSchedule(alpha=args.td_alpha, gamma=args.td_gamma, kind=args.td_schedule,
+                                     ramp_steps=args.td_ramp_steps if args.td_schedule != "constant" else None,
+                                     ramp_fraction=args.td_ramp_fraction if args.td_schedule != "constant" else None,
+                                     delay_steps=args.td_delay_steps)
+        td_scheduler = TargetingScheduler(model, schedule, total_steps=max_train_steps)
+        accelerator.register_for_checkpointing(td_scheduler)
+    checkpointing_steps = args.checkpointing_steps
+    if checkpointing_steps is not None and checkpointing_steps != "epoch":
+        checkpointing_steps = int(checkpointing_steps)  # validated by validate_args
 
-    if args.do_train:
-        train_set = processed["train"].remove_columns(["idx", "src_len"])
-        # Own generator: starting an epoch's iterator must not draw from the global RNG (which
-        # drives dropout / targeted-dropout masks and is restored exactly by load_state).
-        train_loader = DataLoader(train_set, shuffle=True, collate_fn=collator,
-                                  batch_size=args.per_device_train_batch_size,
-                                  generator=torch.Generator().manual_seed(args.seed))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, args.adam_beta2), eps=1e-9,
-                                      weight_decay=args.weight_decay)
-        # Like run_translation_no_trainer: count updates after sharding across processes.
-        updates_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes)
-                                      / args.gradient_accumulation_steps)
-        max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-        lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
-                                     num_warmup_steps=warmup * accelerator.num_processes,
-                                     num_training_steps=max_train_steps * accelerator.num_processes)
-        model, optimizer, train_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, lr_scheduler)
-        updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-        num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-        td_scheduler = None
-        if args.td_mode != "none":
-            schedule = TargetingSchedule(alpha=args.td_alpha, gamma=args.td_gamma, kind=args.td_schedule,
-                                         ramp_steps=args.td_ramp_steps if args.td_schedule != "constant" else None,
-                                         ramp_fraction=args.td_ramp_fraction if args.td_schedule != "constant" else None,
-                                         delay_steps=args.td_delay_steps)
-            td_scheduler = TargetingScheduler(model, schedule, total_steps=max_train_steps)
-            accelerator.register_for_checkpointing(td_scheduler)
-        checkpointing_steps = args.checkpointing_steps
-        if checkpointing_steps is not None and checkpointing_steps != "epoch":
-            if not checkpointing_steps.isdigit() or int(checkpointing_steps) < 1:
-                raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {checkpointing_steps!r}.")
-            checkpointing_steps = int(checkpointing_steps)
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_set)}")
+    logger.info(f"  Num Epochs = {num_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {max_train_steps}")
+    logger.info(f"  Targeted dropout: {args.td_mode}" + (
+        "" if td_scheduler is None else f" ({td_scheduler.schedule.to_dict()})"))
 
-        total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        logger.info("***** Running training *****")
-        logger.info(f"  Num examples = {len(train_set)}")
-        logger.info(f"  Num Epochs = {num_epochs}")
-        logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
-        logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
-        logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
-        logger.info(f"  Total optimization steps = {max_train_steps}")
-        logger.info(f"  Targeted dropout: {args.td_mode}" + (
-            "" if td_scheduler is None else f" ({td_scheduler.schedule.to_dict()})"))
+    completed_steps, starting_epoch, resume_step = 0, 0, None
+    if args.resume_from_checkpoint:
+        completed_steps, starting_epoch, resume_step = resume_position(args, accelerator, output_dir, updates_per_epoch)
 
-        completed_steps, starting_epoch, resume_step = 0, 0, None
-        if args.resume_from_checkpoint:
-            path = args.resume_from_checkpoint
-            if path == "latest":
-                dirs = sorted((d for d in output_dir.glob("step_*")), key=lambda d: int(d.name.split("_")[1]))
-                dirs += sorted(output_dir.glob("epoch_*"), key=lambda d: int(d.name.split("_")[1]))
-                if not dirs:
-                    raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_*/epoch_* folder in {output_dir}.")
-                path = str(max(dirs, key=os.path.getmtime))
-            if not Path(path).is_dir():
-                raise FileNotFoundError(f"--resume_from_checkpoint: no such folder {path!r}.")
-            accelerator.print(f"Resumed from checkpoint: {path}")
-            accelerator.load_state(path)
-            name = Path(path).name
-            if name.startswith("epoch_"):
-                starting_epoch = int(name.split("_")[1]) + 1
-                completed_steps = starting_epoch * updates_per_epoch
-            else:
-                completed_steps = int(name.split("_")[1])
-                starting_epoch = completed_steps // updates_per_epoch
-                resume_step = (completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
-
-        progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process, desc="train")
-        progress_bar.update(completed_steps)
-        history = []
-        running, running_n = 0.0, 0
-        t_train = time.time()
-        for epoch in range(starting_epoch, num_epochs):
-            if completed_steps >= max_train_steps:  # resumed from a state at (or past) the last update
-                break
-            model.train()
-            loader = train_loader
-            if resume_step is not None and epoch == starting_epoch:
-                loader = accelerator.skip_first_batches(train_loader, resume_step)
-            for batch in loader:
-                with accelerator.accumulate(model):
-                    labels = batch["labels"]
-                    decoder_input_ids = accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=labels)
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   decoder_input_ids=decoder_input_ids).logits
-                    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
-                                                             ignore_index=-100, label_smoothing=args.label_smoothing)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                running += loss.detach().float().item()
-                running_n += 1
-                if accelerator.sync_gradients:
-                    completed_steps += 1
-                    progress_bar.update(1)
+    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process, desc="train")
+    progress_bar.update(completed_steps)
+    history = []
+    running, running_n = 0.0, 0
+    t_train = time.time()
+    for epoch in range(starting_epoch, num_epochs):
+        if completed_steps >= max_train_steps:  # resumed from a state at (or past) the last update
+            break
+        model.train()
+        loader = train_loader
+        if resume_step is not None and epoch == starting_epoch:
+            loader = accelerator.skip_first_batches(train_loader, resume_step)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                labels = batch["labels"]
+                decoder_input_ids = accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=labels)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               decoder_input_ids=decoder_input_ids).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
+                                                         ignore_index=-100, label_smoothing=args.label_smoothing)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            running += loss.detach().float().item()
+            running_n += 1
+            if accelerator.sync_gradients:
+                completed_steps += 1
+                progress_bar.update(1)
+                if td_scheduler is not None:
+                    td_scheduler.step()
+                if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
+                    mean = accelerator.gather(torch.tensor([running / max(running_n, 1)],
+                                                           device=accelerator.device)).mean().item()
+                    entry = {"step": completed_steps, "epoch": epoch, "loss": round(mean, 4),
+                             "lr": lr_scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t_train, 1)}
                     if td_scheduler is not None:
-                        td_scheduler.step()
-                    if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
-                        mean = accelerator.gather(torch.tensor([running / max(running_n, 1)],
-                                                               device=accelerator.device)).mean().item()
-                        entry = {"step": completed_steps, "epoch": epoch, "loss": round(mean, 4),
-                                 "lr": lr_scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t_train, 1)}
-                        if td_scheduler is not None:
-                            entry.update(td_scheduler.get_last_targeting())
-                        history.append(entry)
-                        logger.info(json.dumps(entry))
-                        progress_bar.set_postfix(loss=f"{mean:.3f}")
-                        running, running_n = 0.0, 0
-                    if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
-                        accelerator.save_state(str(output_dir / f"step_{completed_steps}"))
-                if completed_steps >= max_train_steps:
-                    break
-            if checkpointing_steps == "epoch":
-                accelerator.save_state(str(output_dir / f"epoch_{epoch}"))
+                        entry.update(td_scheduler.get_last_targeting())
+                    history.append(entry)
+                    logger.info(json.dumps(entry))
+                    progress_bar.set_postfix(loss=f"{mean:.3f}")
+                    running, running_n = 0.0, 0
+                if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
+                    accelerator.save_state(str(output_dir / f"step_{completed_steps}"))
             if completed_steps >= max_train_steps:
                 break
-        progress_bar.close()
-        train_seconds = time.time() - t_train
-        accelerator.wait_for_everyone()
-        unwrapped = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
+        if checkpointing_steps == "epoch":
+            accelerator.save_state(str(output_dir / f"epoch_{epoch}"))
+        if completed_steps >= max_train_steps:
+            break
+    progress_bar.close()
+    train_seconds = time.time() - t_train
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with no_transformers_progress_bars():
+            accelerator.unwrap_model(model).save_pretrained(output_dir, save_function=accelerator.save)
             tokenizer.save_pretrained(output_dir)
-            (output_dir / "train_history.json").write_text(json.dumps(
-                {"history": history, "train_seconds": train_seconds, "completed_steps": completed_steps,
-                 "num_processes": accelerator.num_processes, "parameters": n_params}, indent=2) + "\n")
-        logger.info(f"Training done in {train_seconds:.0f}s ({completed_steps} updates); model saved to {output_dir}")
-    else:
-        model = accelerator.prepare(model)
+        (output_dir / "train_history.json").write_text(json.dumps(
+            {"history": history, "train_seconds": train_seconds, "completed_steps": completed_steps,
+             "num_processes": accelerator.num_processes, "parameters": n_params}, indent=2) + "\n")
+    logger.info(f"Training done in {train_seconds:.0f}s ({completed_steps} updates); model saved to {output_dir}")
+    return model
 
-    # ---------------------------------------------------------------- pruning sweeps
+
+def run_sweeps(args, model, tokenizer, raw, processed, collator, accelerator, output_dir: Path) -> dict:
+    """Step 4: at every level of ``--sweep_sparsities``, for every ``--sweep_modes`` and eval split:
+    sacreBLEU and token accuracy; writes sweeps/ and translations/. Returns the summary."""
+    run_name = run_name_of(args)
+    src, tgt = args.source_lang, args.target_lang
     summary = {"run_name": run_name, "sweeps": {}}
+    eval_splits = [s for s in args.eval_splits if s in raw] if args.do_sweep else []
     for split in eval_splits:
         loader = make_eval_dataloader(processed[split], collator, args, accelerator)
         references = [ex[tgt] for ex in raw[split]["translation"]]
@@ -550,7 +674,8 @@ def main(argv=None):
             calls = iter(levels)
             signature = {}
 
-            def evaluate_fn(m, split=split, mode=mode):
+            def evaluate_fn(m, split=split, mode=mode, loader=loader, references=references, sources=sources,
+                            calls=calls, signature=signature):
                 level = next(calls)
                 path = output_dir / "translations" / f"{split}-{mode}-{round(100 * level):02d}.tsv"
                 metrics, sig = evaluate(model, loader, tokenizer, references, sources, args, accelerator, path)
@@ -571,20 +696,57 @@ def main(argv=None):
                                                     "sacrebleu_signature": signature.get("sacrebleu"),
                                                     **result.to_dict()}
         accelerator.wait_for_everyone()
+    return summary
+
+
+def export(args, model, tokenizer, accelerator, output_dir: Path) -> None:
+    """Step 5 (``--push_to_hub``): push the model pruned to ``--push_sparsity`` with the tokenizer and
+    the sweeps in its model card."""
+    if not (args.push_to_hub and accelerator.is_main_process):
+        return
+    from hf_tdrop import prune_model
+    from hf_tdrop.hub import push_pruned_to_hub
+
+    unwrapped = accelerator.unwrap_model(model)
+    report = prune_model(unwrapped, args.push_sparsity, mode=args.push_mode)
+    sweeps = [SweepResult.from_json(f) for f in sorted((output_dir / "sweeps").glob("sweep-*.json"))] or None
+    with no_transformers_progress_bars():
+        info = push_pruned_to_hub(unwrapped, args.hub_model_id, tokenizer_or_processor=tokenizer, sweep=sweeps,
+                                  prune_report=report, base_model=args.model_name_or_path)
+    logger.info(f"Pushed to {info.commit_url}")
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)  # flag errors: one line, exit status 2
+    if args.combine_runs:
+        logging.basicConfig(format="%(message)s", level=logging.INFO)
+        combine_runs(args)
+        return
+    accelerator = setup_accelerator(args)
+    set_seed(args.seed)
+    t_start = time.time()
+    try:  # data and model errors: one line, exit status 2, nothing written yet
+        raw = load_data(args)
+        tokenizer, model = build_tokenizer_and_model(args, raw)
+    except InputError as err:
+        fail(str(err))
+    logger.info(accelerator.state, main_process_only=False)
+    output_dir = prepare_output_dir(args, accelerator)
+    processed, collator = tokenize_splits(args, raw, tokenizer, accelerator)
+    if args.do_train:
+        model = train(args, model, tokenizer, processed, collator, accelerator, output_dir)
+    else:
+        model = accelerator.prepare(model)
+    summary = run_sweeps(args, model, tokenizer, raw, processed, collator, accelerator, output_dir)
     summary["total_seconds"] = round(time.time() - t_start, 1)
     if accelerator.is_main_process:
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-
-    if args.push_to_hub and accelerator.is_main_process:
-        from hf_tdrop import prune_model
-        from hf_tdrop.hub import push_pruned_to_hub
-
-        unwrapped = accelerator.unwrap_model(model)
-        report = prune_model(unwrapped, args.push_sparsity, mode=args.push_mode)
-        sweeps = [SweepResult.from_json(f) for f in sorted((output_dir / "sweeps").glob("sweep-*.json"))] or None
-        info = push_pruned_to_hub(unwrapped, args.hub_model_id, tokenizer_or_processor=tokenizer, sweep=sweeps,
-                                  prune_report=report, base_model=args.model_name_or_path)
-        logger.info(f"Pushed to {info.commit_url}")
+    export(args, model, tokenizer, accelerator, output_dir)
     accelerator.end_training()
 
 

@@ -1,10 +1,23 @@
 """hf-tdrop: Targeted Dropout (Gomez et al., 2019) for Hugging Face Transformers and any PyTorch model."""
 
+from .batchnorm import BatchNormRecalibration, has_batchnorm, recalibrate_batchnorm
 from .config import MODES, TargetedDropoutConfig
+from .hold import PrunedHold, held_entries, hold_pruned, release_pruned
 from .hub import push_pruned_to_hub, save_pruned
+from .nm import NMSparsityReport, check_nm_sparsity, to_semi_structured
 from .patching import get_targeting, is_patched, patch_model, set_targeting, targeted_layers, unpatch_model
 from .pruning import METHODS, PruneReport, prune_model, pruned
-from .reports import SparsityReport, SweepResult, SweepTable, combine_sweeps, plot_sweeps, prune_sweep, sparsity_report
+from .reports import (
+    MetricEvaluator,
+    SparsityReport,
+    SweepResult,
+    SweepTable,
+    combine_sweeps,
+    metric_evaluator,
+    plot_sweeps,
+    prune_sweep,
+    sparsity_report,
+)
 from .schedules import SCHEDULE_KINDS, TargetingSchedule, TargetingScheduler
 from .shrink import ShrinkReport, shrink_model
 
@@ -19,10 +32,15 @@ def __getattr__(name: str):
         return TargetedDropoutCallback
     raise AttributeError(f"module 'hf_tdrop' has no attribute {name!r}")
 
+
 __all__ = [
+    "BatchNormRecalibration",
     "METHODS",
     "MODES",
+    "MetricEvaluator",
+    "NMSparsityReport",
     "PruneReport",
+    "PrunedHold",
     "SCHEDULE_KINDS",
     "ShrinkReport",
     "SparsityReport",
@@ -32,19 +50,27 @@ __all__ = [
     "TargetedDropoutConfig",
     "TargetingSchedule",
     "TargetingScheduler",
+    "check_nm_sparsity",
     "combine_sweeps",
     "get_targeting",
+    "has_batchnorm",
+    "held_entries",
+    "hold_pruned",
     "is_patched",
+    "metric_evaluator",
     "patch_model",
     "plot_sweeps",
     "prune_model",
     "prune_sweep",
     "pruned",
     "push_pruned_to_hub",
+    "recalibrate_batchnorm",
+    "release_pruned",
     "save_pruned",
     "set_targeting",
     "shrink_model",
     "sparsity_report",
     "targeted_layers",
+    "to_semi_structured",
     "unpatch_model",
 ]

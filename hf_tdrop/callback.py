@@ -15,6 +15,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from .batchnorm import DEFAULT_RECALIBRATION_BATCHES, check_num_batches, has_batchnorm, recalibrate_batchnorm
 from .config import TargetedDropoutConfig
 from .patching import CONFIG_ATTR, is_patched, patch_model, set_targeting
 from .schedules import TargetingSchedule, _unwrap, record_schedule
@@ -40,7 +41,13 @@ class TargetedDropoutCallback(TrainerCallback):
       ``learning_rate``) — to every training log (the entries carrying ``loss``), both to the
       ``logs`` passed on to later callbacks and to ``state.log_history``.
     - ``on_train_end``: applies ``schedule.at(state.global_step)``, so after training the model
-      holds the values of the next update (the targets once the ramp is done).
+      holds the values of the next update (the targets once the ramp is done); then, if the model
+      has BatchNorm layers, re-estimates their running statistics on ``bn_recalibration_batches``
+      training batches with nothing dropped (:func:`hf_tdrop.recalibrate_batchnorm`): the
+      statistics gathered during training are those of the thinned network, and a checkpoint saved
+      with them evaluates far below its real accuracy. ``Trainer.save_model`` after ``train()``
+      then saves statistics of the network as it is evaluated (the per-epoch resume checkpoints
+      written during training keep the training statistics).
 
     The Trainer calls its ``report_to`` integrations (TensorBoard, W&B, ...) *before* callbacks
     passed as ``Trainer(callbacks=[...])``; for α/γ to reach them, add the callback with
@@ -52,16 +59,21 @@ class TargetedDropoutCallback(TrainerCallback):
         config: optional :class:`TargetedDropoutConfig`; if given, an unpatched model is patched
             with it at ``on_train_begin`` (a model already patched with an equal config is accepted).
         log_values: add ``tdrop_alpha``/``tdrop_gamma`` to the logs (default True).
+        bn_recalibration_batches: training batches used to re-estimate BatchNorm statistics at the
+            end of training (default 50; ``0`` turns it off; ignored for models without BatchNorm).
     """
 
     def __init__(self, schedule: TargetingSchedule, config: Optional[TargetedDropoutConfig] = None,
-                 log_values: bool = True):
+                 log_values: bool = True, bn_recalibration_batches: int = DEFAULT_RECALIBRATION_BATCHES):
         if not isinstance(schedule, TargetingSchedule):
             raise ValueError(f"`schedule` must be a TargetingSchedule, got {type(schedule).__name__}.")
         if config is not None and not isinstance(config, TargetedDropoutConfig):
             raise ValueError(f"`config` must be a TargetedDropoutConfig or None, got {type(config).__name__}.")
         if not isinstance(log_values, bool):
             raise ValueError(f"`log_values` must be True or False, got {log_values!r}.")
+        if bn_recalibration_batches != 0:
+            check_num_batches(bn_recalibration_batches, "bn_recalibration_batches", allow_none=False)
+        self.bn_recalibration_batches = bn_recalibration_batches
         self.schedule = schedule
         self.config = config
         self.log_values = log_values
@@ -131,6 +143,15 @@ class TargetedDropoutCallback(TrainerCallback):
                 and "loss" in state.log_history[-1]:
             state.log_history[-1].update(values)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._model is not None:
-            self._apply(state.global_step)
+    def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
+        if self._model is None:
+            return
+        self._apply(state.global_step)
+        if self.bn_recalibration_batches and has_batchnorm(self._model):
+            if train_dataloader is None:
+                logger.warning("TargetedDropoutCallback: the Trainer passed no train_dataloader to on_train_end; "
+                               "BatchNorm statistics are left as trained (those of the dropped-out network).")
+                return
+            used = recalibrate_batchnorm(self._model, train_dataloader, self.bn_recalibration_batches)
+            logger.info("TargetedDropoutCallback: BatchNorm statistics re-estimated on %d training batches "
+                        "with nothing dropped.", used)

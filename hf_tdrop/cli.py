@@ -4,6 +4,7 @@ Examples::
 
     hf-tdrop prune ./my-td-bert --sparsity 0.5 --mode unit --shrink --output ./bert-unit50
     hf-tdrop prune ./my-td-bert --sparsity 0.8 --output ./bert-w80 --push-to-hub me/bert-w80 --private
+    hf-tdrop prune ./my-td-bert --mode nm --n 2 --m 4 --output ./bert-2of4
     hf-tdrop report ./bert-unit50 --format markdown
 
 The model is loaded with ``AutoConfig`` and the Auto class whose mapping holds the config's
@@ -49,6 +50,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -76,11 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "save_pretrained (safetensors), tdrop_config.json and a model card.",
     )
     prune.add_argument("model", metavar="MODEL_DIR_OR_ID", help="checkpoint directory (with config.json) or Hub model id")
-    prune.add_argument("--sparsity", type=_fraction, required=True,
+    prune.add_argument("--sparsity", type=_fraction, default=None,
                        help="fraction to prune in every targeted layer, in [0, 1): of each w_o's weights "
-                            "(weight mode) or of each layer's units (unit mode)")
-    prune.add_argument("--mode", choices=("weight", "unit"), default="weight",
-                       help="prune individual weights within each output unit, or whole units (default: weight)")
+                            "(weight mode) or of each layer's units (unit mode); required in those modes. "
+                            "nm mode: fraction in [0, 1] of each w_o's groups pruned to N:M (default 1: all)")
+    prune.add_argument("--mode", choices=("weight", "unit", "nm"), default="weight",
+                       help="prune individual weights within each output unit, whole units, or to an N:M "
+                            "pattern (each group of M consecutive inputs keeps its N largest |w|) (default: weight)")
+    prune.add_argument("--n", type=_positive_int, default=None,
+                       help="nm mode: nonzeros kept per group (default 2)")
+    prune.add_argument("--m", type=_positive_int, default=None,
+                       help="nm mode: group size, consecutive inputs of each w_o (default 4)")
     prune.add_argument("--method", choices=("magnitude", "random"), default="magnitude",
                        help="smallest |w| / ||w_o||_2 first (the paper's criterion), or random (default: magnitude)")
     prune.add_argument("--target-modules", nargs="+", metavar="PATTERN", default=None,
@@ -191,13 +208,18 @@ def _one_line(err: BaseException) -> str:
 
 def _run_prune(args) -> int:
     from .hub import _check_output_dir, push_pruned_to_hub, save_pruned
-    from .pruning import check_sparsity
+    from .pruning import check_prune_settings
 
     # ---- validate everything before loading or writing anything ------------------------------
+    if args.mode != "nm" and (args.n is not None or args.m is not None):
+        raise UsageError("--n/--m set the N:M pattern of --mode nm")
+    if args.mode != "nm" and args.sparsity is None:
+        raise UsageError(f"--sparsity is required with --mode {args.mode} (a fraction in [0, 1))")
     try:
-        check_sparsity(args.sparsity)
-    except ValueError:
-        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity!r}") from None
+        args.sparsity, args.n, args.m = check_prune_settings(args.sparsity, args.mode, args.n, args.m)
+    except ValueError as err:
+        message = str(err).replace("`n`", "--n").replace("`m`", "--m").replace("`sparsity`", "--sparsity")
+        raise UsageError(message.rstrip(".")) from None
     if args.shrink and args.mode != "unit":
         raise UsageError("--shrink needs --mode unit (only whole dead units can be removed)")
     if args.output is None and args.push_to_hub is None:
@@ -247,13 +269,14 @@ def _run_prune(args) -> int:
     preprocessor = _load_preprocessor(args.model, is_local)
     generator = torch.Generator().manual_seed(args.seed) if args.method == "random" else None
     try:
-        prune_report = prune_model(model, args.sparsity, mode=args.mode, method=args.method,
+        prune_report = prune_model(model, args.sparsity, mode=args.mode, method=args.method, n=args.n, m=args.m,
                                    target_modules=args.target_modules, exclude_modules=args.exclude_modules,
                                    generator=generator)
     except ValueError as err:
         raise UsageError(_one_line(err)) from None
-    print(f"Pruned {prune_report.pruned_fraction:.2%} of the weights of {len(prune_report.layers)} layers "
-          f"({args.method} {args.mode} pruning at sparsity {args.sparsity:g}).")
+    what = (f"{args.method} {args.n}:{args.m} pruning of {args.sparsity:g} of the groups" if args.mode == "nm"
+            else f"{args.method} {args.mode} pruning at sparsity {args.sparsity:g}")
+    print(f"Pruned {prune_report.pruned_fraction:.2%} of the weights of {len(prune_report.layers)} layers ({what}).")
     shrink_report = None
     if args.shrink:
         shrink_report = shrink_model(model, on_uneven=args.on_uneven)

@@ -8,9 +8,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-MODES = ("weight", "unit")
+MODES = ("weight", "unit", "nm")
 """Targeting granularities: ``"weight"`` targets the lowest-|w| entries of each output unit's
-incoming weight vector w_o; ``"unit"`` targets whole output units with the lowest ||w_o||_2."""
+incoming weight vector w_o; ``"unit"`` targets whole output units with the lowest ||w_o||_2;
+``"nm"`` targets the M-N lowest-|w| entries of every group of M consecutive inputs of each w_o
+(the entries an N:M sparsity pattern removes)."""
 
 TargetSpec = Optional[Union[str, Sequence[str]]]
 
@@ -31,6 +33,19 @@ def check_mode(mode: Any, name: str = "mode") -> str:
     if mode not in MODES:
         raise ValueError(f"`{name}` must be one of {list(MODES)}, got {mode!r}.")
     return mode
+
+
+def check_nm(n: Any, m: Any) -> tuple[int, int]:
+    """Return ``(n, m)`` as ints if they are integers with ``1 <= n < m``, else raise ``ValueError``
+    naming the argument and the allowed range (N nonzeros kept in every group of M)."""
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
+    if m < 2:
+        raise ValueError(f"`m` (the N:M group size) must be an integer >= 2, got {m!r}.")
+    if not 1 <= n < m:
+        raise ValueError(f"`n` (nonzeros kept per group of m={m}) must be an integer in [1, {m - 1}], got {n!r}.")
+    return int(n), int(m)
 
 
 def check_target_spec(name: str, value: Any) -> Optional[tuple[str, ...]]:
@@ -59,31 +74,48 @@ class TargetedDropoutConfig:
 
     At every training forward pass of a targeted layer, the ``gamma`` fraction of lowest-magnitude
     elements is selected and each selected element is dropped (zeroed) with probability ``alpha``.
-    The expected fraction of weights kept is ``1 - gamma * alpha``.
+    The expected fraction of weights kept is ``1 - gamma * alpha``. Entries held at zero by
+    :func:`hf_tdrop.hold_pruned` are never targeted: the targeted set is chosen among the survivors.
 
     Args:
         alpha: drop probability of a targeted element, in [0, 1] (applied at a resolution of
             ``2**-16``: the draws are 16-bit random words, see ``masking.sample_drop``).
         gamma: targeted fraction, in [0, 1]. Weight mode targets ``floor(gamma * fan_in)`` entries of
-            each output unit's weight vector w_o; unit mode targets ``floor(gamma * n_out)`` units.
-        mode: ``"weight"`` or ``"unit"``.
+            each output unit's weight vector w_o; unit mode targets ``floor(gamma * n_out)`` units;
+            nm mode targets ``floor(gamma * T)`` of the ``T`` groups of each w_o that have entries
+            to target (see ``n``/``m``), so ``gamma = 1`` targets every group and a γ ramp grows the
+            N:M-targeted part of each row group by group.
+        mode: ``"weight"``, ``"unit"`` or ``"nm"``.
+        n, m: the N:M pattern of nm mode (integers, ``1 <= n < m``; default 2:4; validated in every
+            mode, used only by nm). Each w_o (the ``[n_out, fan_in]`` view: Linear rows, the columns
+            of transformers' ``Conv1D`` ``[in, out]`` weight, a ConvNd output channel's flattened
+            ``in * kernel`` inputs) is cut into groups of ``m`` consecutive inputs; in a group its
+            ``m - n`` smallest-|w| entries (ties: lowest index first, ranked in float32) are the
+            group's targeted set, each dropped with probability α. When ``m`` does not divide
+            ``fan_in`` the last group has ``r < m`` entries and is treated as zero-padded to ``m``:
+            its ``max(0, r - n)`` smallest entries are targeted (``T`` counts this group only when
+            ``r > n``). With ``gamma < 1`` the targeted groups of a row are the ``floor(gamma * T)``
+            whose targeted entries have the smallest sum of |w| (summed in float64; ties: lowest group
+            index first). The expected kept fraction is about ``1 - gamma * alpha * (m - n) / m``.
         target_modules: which layers to patch. ``None`` = every supported layer (``nn.Linear``,
             transformers' ``Conv1D``, ``nn.Conv1d/2d/3d``) except output heads and layers tied to
             embeddings. A string or list of strings; each pattern matches a module's full name
             exactly, as a dotted suffix (``"query"`` matches ``encoder.layer.0.attention.self.query``),
             or as a regex (``re.fullmatch``).
         exclude_modules: patterns (same rules) of layers never to patch.
-        rescale: if True, scale kept weights by ``1 / (1 - gamma * alpha)`` during training (the
-            reference implementation does not rescale; off by default).
+        rescale: if True, scale kept weights by ``1 / (1 - gamma * alpha)`` during training
+            (``1 / (1 - gamma * alpha * (m - n) / m)`` in nm mode; the reference implementation does
+            not rescale; off by default).
         drop_targeted_at_eval: if True, the targeted set is removed (zeroed) in eval mode, as in the
             reference code's evaluation. Default False: in ``eval()`` a patched layer computes exactly
             what the unpatched layer computes.
-        refresh_every: recompute the targeted set (the per-unit magnitude ranking) only after the
-            layer's weight has been updated in place this many times (one update per optimizer
-            step with torch's optimizers); the Bernoulli(α) draw is still fresh at every forward.
-            1 (default) re-targets at every step, exactly as the paper; larger values trade
-            exactness for speed, like the paper's Algorithm 1 which re-targets every few epochs.
-            A change of γ always re-targets.
+        refresh_every: recompute the targeted set (the per-unit magnitude ranking) only every
+            this many optimizer steps (``step()`` calls of the ``torch.optim`` optimizer holding the
+            layer's weight, whatever its implementation; several forward passes per step, as with
+            gradient accumulation or checkpointing, count once); the Bernoulli(α) draw is still
+            fresh at every forward. 1 (default) re-targets at every forward, exactly as the paper;
+            larger values trade exactness for speed, like the paper's Algorithm 1 which re-targets
+            every few epochs. A change of γ always re-targets.
     """
 
     alpha: float
@@ -94,6 +126,8 @@ class TargetedDropoutConfig:
     rescale: bool = False
     drop_targeted_at_eval: bool = False
     refresh_every: int = 1
+    n: int = 2
+    m: int = 4
     extra: dict = field(default_factory=dict)
     """Free-form metadata kept with the config (e.g. the schedule used); written to JSON as is."""
 
@@ -101,6 +135,7 @@ class TargetedDropoutConfig:
         self.alpha = check_fraction("alpha", self.alpha)
         self.gamma = check_fraction("gamma", self.gamma)
         check_mode(self.mode)
+        self.n, self.m = check_nm(self.n, self.m)
         for spec in ("target_modules", "exclude_modules"):
             patterns = check_target_spec(spec, getattr(self, spec))
             if patterns is not None and not isinstance(getattr(self, spec), str):

@@ -5,7 +5,8 @@
 * the model with ``save_pretrained`` (safetensors) -- stock ``transformers`` loads it, no hf_tdrop
   code needed (a patched model saves its original ``state_dict``);
 * the tokenizer / processor, when given;
-* ``tdrop_config.json``: what was done (pruning mode, method, sparsity and pruned layers; the
+* ``tdrop_config.json``: what was done (pruning mode, method, sparsity and pruned layers, and for N:M
+  pruning ``n``, ``m`` and whether the saved layers have the exact pattern; the
   targeted-dropout settings α, γ and schedule used in training; sparsity totals; the shrink report);
 * ``README.md``: a model card with Hub metadata (``library_name: transformers``, tags
   ``hf-tdrop``/``targeted-dropout``/``pruned``, ``base_model``) and the sparsity report, shrink report
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,8 +102,10 @@ def _json_ready(name: str, value: Any) -> Any:
     return value
 
 
-def _pruning_info(prune_report: Any, sparsity: Any, mode: Any, method: Any) -> Optional[dict]:
-    from .pruning import PruneReport, check_method, check_sparsity
+def _pruning_info(prune_report: Any, sparsity: Any, mode: Any, method: Any, n: Any = None,
+                  m: Any = None) -> Optional[dict]:
+    from .config import check_nm
+    from .pruning import PruneReport, check_group_fraction, check_method, check_sparsity
 
     if prune_report is not None and not isinstance(prune_report, PruneReport):
         raise ValueError(f"`prune_report` must be None or a PruneReport (from prune_model), got {type(prune_report).__name__}.")
@@ -110,15 +114,41 @@ def _pruning_info(prune_report: Any, sparsity: Any, mode: Any, method: Any) -> O
         info = {"sparsity": prune_report.sparsity, "mode": prune_report.mode, "method": prune_report.method,
                 "layers": [layer.name for layer in prune_report.layers],
                 "pruned_fraction": prune_report.pruned_fraction}
-    for key, value, check in (("sparsity", sparsity, check_sparsity), ("mode", mode, check_mode),
-                              ("method", method, check_method)):
+        if prune_report.mode == "nm":
+            info.update(n=prune_report.n, m=prune_report.m)
+    if mode is not None:
+        check_mode(mode)
+    nm_mode = (mode if mode is not None else info.get("mode")) == "nm"
+    if (n is not None or m is not None) and not nm_mode:
+        raise ValueError("`n`/`m` record an N:M pattern: they need mode='nm' (or an nm prune_report).")
+    if nm_mode and prune_report is None:
+        n, m = check_nm(2 if n is None else n, 4 if m is None else m)
+    elif n is not None or m is not None:
+        n, m = check_nm(info["n"] if n is None else n, info["m"] if m is None else m)
+    check_fraction = check_group_fraction if nm_mode else check_sparsity
+    for key, value, check in (("sparsity", sparsity, check_fraction), ("mode", mode, check_mode),
+                              ("method", method, check_method), ("n", n, None), ("m", m, None)):
         if value is None:
             continue
-        value = check(value)
+        value = check(value) if check is not None else value
         if key in info and info[key] != value:
             raise ValueError(f"`{key}`={value!r} disagrees with prune_report.{key}={info[key]!r}.")
         info[key] = value
     return info or None
+
+
+def _nm_check(model: nn.Module, pruning: Optional[dict]) -> Optional[dict]:
+    """For N:M pruning: whether the pruned layers (all default layers without a report) still have
+    the exact pattern, recorded next to the settings."""
+    if not pruning or pruning.get("mode") != "nm":
+        return None
+    from .nm import check_nm_sparsity
+
+    names = pruning.get("layers")
+    report = check_nm_sparsity(model, pruning["n"], pruning["m"],
+                               target_modules=[f"^{re.escape(x)}$" for x in names] if names else None)
+    return {"exact": report.ok, "n_groups": report.n_groups, "violating_groups": report.violating_groups,
+            "failing_layers": report.failing_layers}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,9 +234,15 @@ def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo
     if pruning:
         labels = {"mode": "pruning mode", "method": "pruning method", "sparsity": "target sparsity (per layer)",
                   "pruned_fraction": "pruned fraction of targeted weights"}
+        if pruning.get("mode") == "nm":
+            labels["sparsity"] = "fraction of groups pruned to N:M (per layer)"
         for key, label in labels.items():
             if key in pruning:
                 rows.append((label, _fmt_num(pruning[key])))
+        if pruning.get("mode") == "nm":
+            exact = pruning.get("nm_check", {}).get("exact")
+            note = "" if exact is None else (" (exact in every pruned layer)" if exact else " (NOT exact: see tdrop_config.json)")
+            rows.append(("N:M pattern", f"{pruning['n']}:{pruning['m']}{note}"))
         if "layers" in pruning:
             rows.append(("pruned layers", str(len(pruning["layers"]))))
     if training:
@@ -256,6 +292,8 @@ def save_pruned(
     sparsity: Optional[float] = None,
     mode: Optional[str] = None,
     method: Optional[str] = None,
+    n: Optional[int] = None,
+    m: Optional[int] = None,
     training_config: Any = None,
     schedule: Optional[Mapping] = None,
     base_model: Optional[str] = None,
@@ -271,10 +309,13 @@ def save_pruned(
         sweep: a :class:`hf_tdrop.SweepResult` or a list of them: written as ``sweep.md/.csv/.json/.png``
             and shown in the model card (several runs side by side, one table per shared metric).
         prune_report: the :class:`hf_tdrop.PruneReport` returned by ``prune_model`` (mode, method,
-            sparsity and the pruned layer names go to ``tdrop_config.json``).
+            sparsity and the pruned layer names go to ``tdrop_config.json``; for nm pruning also ``n``,
+            ``m`` and ``nm_check``: whether the saved layers have the exact N:M pattern, see
+            :func:`hf_tdrop.check_nm_sparsity`).
         shrink_report: the :class:`hf_tdrop.ShrinkReport` returned by ``shrink_model``.
-        sparsity, mode, method: pruning settings, when no ``prune_report`` is given (must agree with it
-            otherwise). ``sparsity`` in [0, 1), ``mode`` in ``MODES``, ``method`` in ``METHODS``.
+        sparsity, mode, method, n, m: pruning settings, when no ``prune_report`` is given (must agree
+            with it otherwise). ``sparsity`` in [0, 1) (in [0, 1] for nm mode), ``mode`` in ``MODES``,
+            ``method`` in ``METHODS``; ``n``/``m`` only for nm mode (default 2:4).
         training_config: the :class:`TargetedDropoutConfig` (or its dict) used in training. Default: the
             model's ``tdrop_config`` attribute set by ``patch_model`` (``unpatch_model`` removes it, so
             pass it explicitly for an unpatched model).
@@ -303,7 +344,7 @@ def save_pruned(
 
     if shrink_report is not None and not isinstance(shrink_report, ShrinkReport):
         raise ValueError(f"`shrink_report` must be None or a ShrinkReport (from shrink_model), got {type(shrink_report).__name__}.")
-    pruning = _pruning_info(prune_report, sparsity, mode, method)
+    pruning = _pruning_info(prune_report, sparsity, mode, method, n, m)
     config = _check_training_config(model, training_config)
     if schedule is not None and callable(getattr(schedule, "to_dict", None)):
         schedule = schedule.to_dict()  # e.g. a TargetingSchedule
@@ -319,6 +360,9 @@ def save_pruned(
     from .reports import sparsity_report
 
     report = sparsity_report(model)
+    nm_check = _nm_check(model, pruning)
+    if nm_check is not None:
+        pruning["nm_check"] = nm_check
     meta = {
         "format": TDROP_FORMAT,
         "hf_tdrop_version": __version__,
@@ -391,7 +435,7 @@ def push_pruned_to_hub(
             passed to ``huggingface_hub`` only: never printed, logged or written into the uploaded files.
         commit_message, revision, create_pr: as in ``HfApi.upload_folder``.
         **save_kwargs: ``tokenizer_or_processor``, ``sweep``, ``prune_report``, ``shrink_report``,
-            ``sparsity``, ``mode``, ``method``, ``training_config``, ``schedule``, ``base_model``.
+            ``sparsity``, ``mode``, ``method``, ``n``, ``m``, ``training_config``, ``schedule``, ``base_model``.
 
     Returns:
         The ``CommitInfo`` of the upload (``.commit_url``, ``.oid``; ``.pr_url`` with ``create_pr``).

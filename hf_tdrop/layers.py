@@ -9,6 +9,13 @@ The per-layer settings live in one :class:`TargetingState` attribute. Mask selec
 run inside :func:`sample_drop_mask`, which patched layers call through a lazily created
 ``torch.compiler.disable`` wrapper: ``torch.compile`` does not trace it, so α and γ can change at
 every step without recompiling the model.
+
+With ``refresh_every > 1`` a layer reuses its targeted set for that many optimizer steps. The steps
+are counted by a global ``torch.optim`` step hook (registered on first use), per weight tensor: a
+step counts for a weight when the stepping optimizer holds it. This works for every
+``torch.optim.Optimizer`` (for-loop, foreach and fused implementations alike, which update a weight
+a different number of times per step) and is independent of how many forward passes run per step
+(gradient accumulation, gradient checkpointing).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 from . import masking
@@ -37,15 +45,27 @@ class TargetingState:
     rescale: bool = False
     drop_targeted_at_eval: bool = False
     refresh_every: int = 1
+    n: int = 2  # nm mode: keep n of every m consecutive inputs
+    m: int = 4
     original_class: Optional[type] = None
-    # cache of the targeted set when refresh_every > 1: (weight._version, gamma, bool mask)
+    name: str = field(default="", compare=False)  # the layer's dotted name in the patched model, for messages
+    # cache of the targeted set when refresh_every > 1: (optimizer step of the weight when it was
+    # computed (see optimizer_steps), gamma, held-zeros mask it was computed with, bool mask)
     cached_targeting: Optional[tuple] = field(default=None, repr=False, compare=False)
     # weight mode: where each row's threshold was at the last targeting (a hint that makes the next
     # exact selection cheaper; see masking.lowest_k_bracketed)
     threshold_bracket: Optional[masking.KthBracket] = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "alpha": self.alpha, "gamma": self.gamma}
+        out = {"mode": self.mode, "alpha": self.alpha, "gamma": self.gamma}
+        if self.mode == "nm":
+            out.update(n=self.n, m=self.m)
+        return out
+
+    @property
+    def targeted_fraction(self) -> float:
+        """Nominal fraction of a row targeted at γ (``γ``; ``γ (m - n) / m`` in nm mode)."""
+        return self.gamma * (self.m - self.n) / self.m if self.mode == "nm" else self.gamma
 
     def __setstate__(self, state: dict) -> None:
         # a patched layer unpickled (or deep-copied) in a process that never called patch_model
@@ -53,25 +73,126 @@ class TargetingState:
         _ensure_untraced_sample_drop_mask()
 
 
+def check_materialized(module: nn.Module, name: str, action: str) -> None:
+    """Raise ``ValueError`` if ``module``'s weight or bias is on the meta device (shapes without
+    values): targeting and pruning rank the weights by their values. The message names the layer
+    (``name``) and how to materialise the model."""
+    for attr in ("weight", "bias"):
+        tensor = getattr(module, attr, None)
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            state = getattr(module, STATE_ATTR, None)
+            layer_type = (getattr(state, "original_class", None) or type(module)).__name__
+            raise ValueError(
+                f"{action}: layer {name or '<model itself>'!r} ({layer_type}) has its {attr} on the meta "
+                "device (a shape without values), and targeted dropout and pruning rank weights by their "
+                "values. Materialise the model first: `model.to_empty(device=...)` and then load the "
+                "weights (`model.load_state_dict(...)`), or load the model with `from_pretrained(...)`."
+            )
+
+
+@dataclass
+class _StepCount:
+    """Optimizer steps seen by one weight tensor (see :func:`optimizer_steps`)."""
+
+    start: int  # value of the global step count when the weight was first seen
+    steps: int = 0  # steps of optimizers holding the weight
+    held: bool = False  # whether an optimizer holding the weight has stepped
+
+
+_all_optimizer_steps = 0
+"""Steps of every ``torch.optim.Optimizer`` in this process, once the hook is registered."""
+_weight_steps: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Weight tensor -> :class:`_StepCount`, for the weights of layers with ``refresh_every > 1``
+(by identity, without keeping the tensor alive)."""
+_step_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _all_optimizer_steps
+    _all_optimizer_steps += 1
+    if not _weight_steps:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            count = _weight_steps.get(param)
+            if count is not None:
+                count.steps += 1
+                count.held = True
+
+
+def optimizer_steps(weight: torch.Tensor) -> int:
+    """Optimizer steps taken on ``weight`` since it was first passed here (0 on the first call).
+
+    Counts calls of ``step()`` of any ``torch.optim.Optimizer`` whose ``param_groups`` hold this very
+    tensor, once per call, however the optimizer updates it (fused optimizers never bump
+    ``weight._version``; for-loop AdamW with weight decay bumps it twice). Until such an optimizer
+    has stepped, every optimizer step in the process counts: a weight whose updates go through a
+    copy the optimizer holds instead (e.g. flattened or sharded parameters) still follows the
+    training steps. A step skipped by a gradient scaler (inf/NaN gradients) is no step.
+    """
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    count = _weight_steps.get(weight)
+    if count is None:
+        count = _weight_steps[weight] = _StepCount(start=_all_optimizer_steps)
+    return count.steps if count.held else _all_optimizer_steps - count.start
+
+
+HELD_ZEROS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Weight tensor -> bool mask in the weight's shape, True = held at zero by
+:func:`hf_tdrop.hold_pruned` (the union over its live holds; maintained by :mod:`hf_tdrop.hold`).
+Targeting leaves these entries out (see :func:`targeted_set`)."""
+
+
+def held_zeros(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The held-at-zero mask of ``weight`` (its shape, on its device), or None if nothing is held."""
+    mask = HELD_ZEROS.get(weight) if HELD_ZEROS else None
+    if mask is not None and mask.device != weight.device:
+        mask = HELD_ZEROS[weight] = mask.to(weight.device)
+    return mask
+
+
 def targeted_set(module: nn.Module) -> torch.Tensor:
-    """The current targeted set of a patched layer, on the ``[n_out, fan_in]`` view (weight mode)
-    or ``[n_out]`` (unit mode). With ``refresh_every > 1`` it is reused until the weight has been
-    updated in place ``refresh_every`` times (``Tensor._version``) or γ changed; the version only
-    moves on optimizer steps, so a gradient-checkpointing recomputation sees the same set."""
+    """The current targeted set of a patched layer, on the ``[n_out, fan_in]`` view (weight and nm
+    modes) or ``[n_out]`` (unit mode), computed from the detached weight (no autograd graph).
+
+    Entries held at zero by :func:`hf_tdrop.hold_pruned` are left out: weight mode targets
+    ``floor(γ s_o)`` of the ``s_o`` surviving entries of each w_o, unit mode ``floor(γ s)`` of the
+    ``s`` units not entirely held, and nm mode counts a held entry as one of its group's ``m - n``.
+
+    With ``refresh_every > 1`` it is reused for ``refresh_every`` optimizer steps
+    (:func:`optimizer_steps`; the set is recomputed at steps 0, N, 2N, ...) and recomputed at once
+    when γ or the held entries changed. Every forward pass within one optimizer step (gradient
+    accumulation, the recomputation of gradient checkpointing) sees the same set."""
     state: TargetingState = getattr(module, STATE_ATTR)
     weight = module.weight
-    version = weight._version
-    if state.refresh_every > 1 and state.cached_targeting is not None:
-        cached_version, cached_gamma, cached = state.cached_targeting
-        if cached_gamma == state.gamma and 0 <= version - cached_version < state.refresh_every:
-            return cached
-    w2d = masking.unit_matrix(weight, state.layout)
-    if state.mode == "weight":
-        targeted, state.threshold_bracket = masking.targeted_weights_bracketed(w2d, state.gamma, state.threshold_bracket)
-    else:
-        targeted = masking.targeted_units(w2d, state.gamma)
+    held = held_zeros(weight)
+    step = None
     if state.refresh_every > 1:
-        state.cached_targeting = (version, state.gamma, targeted)
+        step = optimizer_steps(weight)
+        if state.cached_targeting is not None:
+            cached_step, cached_gamma, cached_held, cached = state.cached_targeting
+            if cached_gamma == state.gamma and cached_held is held and 0 <= step - cached_step < state.refresh_every:
+                return cached
+    w2d = masking.unit_matrix(weight.detach(), state.layout)
+    held2d = None if held is None else masking.unit_matrix(held, state.layout)
+    if state.mode == "weight":
+        if held2d is None:
+            targeted, state.threshold_bracket = masking.targeted_weights_bracketed(
+                w2d, state.gamma, state.threshold_bracket)
+        else:
+            targeted = masking.targeted_weights_among(w2d, state.gamma, held2d)
+    elif state.mode == "nm":
+        targeted = masking.targeted_nm(w2d, state.gamma, state.n, state.m, held=held2d)
+    elif held2d is None:
+        targeted = masking.targeted_units(w2d, state.gamma)
+    else:
+        targeted = masking.targeted_units_among(w2d, state.gamma, held2d.all(dim=1))
+    if step is not None:
+        state.cached_targeting = (step, state.gamma, held, targeted)
     return targeted
 
 
@@ -84,9 +205,11 @@ def sample_drop_mask(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Opt
             torch's RNG). False: drop the whole targeted set (the reference code's evaluation).
 
     Returns:
-        ``(drop, scale)``: ``drop`` is bool, True = zero it; in weight mode it has the weight's
-        shape, in unit mode it is ``[n_out]``. ``scale`` is a 0-d tensor ``1 / (1 - γα)`` when the
-        layer rescales while sampling, else None.
+        ``(drop, scale)``: ``drop`` is bool, True = zero it, contiguous; in weight and nm modes it
+        has the weight's shape, in unit mode it is ``[n_out]``. ``scale`` is a 0-d tensor
+        ``1 / (1 - γα)`` (``1 / (1 - γα (m - n) / m)`` in nm mode) when the layer rescales while
+        sampling, else None. Their dtype, shape and strides depend
+        only on the layer (and on whether it samples and rescales), never on α or γ.
 
     Patched layers call it through :func:`_untraced_sample_drop_mask`, which ``torch.compile``
     does not trace (selection needs a data-independent ``k``, and α/γ change during a schedule):
@@ -94,17 +217,20 @@ def sample_drop_mask(module: nn.Module, sample: bool) -> tuple[torch.Tensor, Opt
     never triggers a recompilation.
     """
     state: TargetingState = getattr(module, STATE_ATTR)
+    check_materialized(module, state.name, "targeted dropout forward" if sample else "targeted dropout at eval")
     weight = module.weight
     alpha = state.alpha if sample else 1.0
     targeted = targeted_set(module)
-    if state.mode == "weight":
+    if state.mode != "unit":
         # drawn in the weight's own layout (one random word per weight, in storage order), so the
         # draw and every mask op after it run on memory in order, also for Conv1D's [in, out]
         targeted = masking.to_weight_layout(targeted, weight, state.layout)
-    drop = masking.sample_drop(targeted, alpha)
+    # contiguous whatever k is (an all-False/all-True selection and a partial one could otherwise
+    # differ in strides, and the compiled graph would be re-specialised on them)
+    drop = masking.sample_drop(targeted, alpha).contiguous()
     scale = None
     if sample and state.rescale:
-        kept = 1.0 - state.gamma * alpha
+        kept = 1.0 - state.targeted_fraction * alpha
         scale = torch.tensor(1.0 / kept if kept > 0.0 else 1.0, dtype=weight.dtype, device=weight.device)
     return drop, scale
 
@@ -173,7 +299,7 @@ class TargetedDropoutMixin:
     - ``eval()`` (unless ``drop_targeted_at_eval``): the original forward, unchanged.
     - Unit mode: the original forward, then the dropped output units are zeroed (equivalent to
       zeroing their w_o and bias; only an ``[n_out]`` mask is kept for backward).
-    - Weight mode: the layer's computation with the masked weight (:meth:`_weight_masked_forward`).
+    - Weight and nm modes: the layer's computation with the masked weight (:meth:`_weight_masked_forward`).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's own name

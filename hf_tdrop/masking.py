@@ -11,12 +11,16 @@ when low-precision weights tie (ties go to the lowest index). :func:`lowest_k` i
 selection per row (``topk`` of the smaller side, plus a cumulative count only when ties need
 breaking), never a full sort; :func:`lowest_k_bracketed` gives the same mask for weights that move
 a little between calls (training), mostly by counting against the previous call's thresholds.
+:func:`targeted_nm` ranks within groups of ``m`` consecutive entries of each row (N:M patterns), by
+``m`` whole-tensor comparisons instead of a sort.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -27,12 +31,21 @@ LAYOUT_IN_OUT = "in_out"
 """``weight`` is ``[fan_in, n_out]`` (transformers' ``Conv1D``, used by GPT-2)."""
 LAYOUTS = (LAYOUT_OUT_IN, LAYOUT_IN_OUT)
 
-_EPS = 1e-9
-
-
 def fraction_count(fraction: float, n: int) -> int:
-    """``floor(fraction * n)``, robust to float rounding (``0.29 * 100`` gives 29, not 28)."""
-    return min(n, max(0, math.floor(fraction * n + _EPS)))
+    """``floor(fraction * n)`` for the fraction as written in decimal, computed exactly.
+
+    The float is read as the shortest decimal that gives it back (its ``repr``: ``0.29`` is exactly
+    29/100, not the binary float just below it), and that rational times ``n`` is floored with no
+    rounding: ``fraction_count(0.29, 100) == 29`` (where ``0.29 * 100 == 28.999999999999996``), and
+    ``fraction_count(0.999999999999, 1000) == 999``. The result is clamped to ``[0, n]``.
+    """
+    return _fraction_count(float(fraction), int(n))
+
+
+@functools.lru_cache(maxsize=4096)
+def _fraction_count(fraction: float, n: int) -> int:
+    # cached: called per layer at every forward pass, with few distinct (γ, size) pairs
+    return min(n, max(0, math.floor(Fraction(repr(fraction)) * n)))
 
 
 def unit_matrix(weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -98,13 +111,14 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Exactly ``min(k, n)`` entries per row are True. Ties at the threshold are broken by position
     (lowest index first), so the result is deterministic. Ranking is done in float32 (float64 stays
-    float64). Scores must be NaN-free (a NaN weight means training has already diverged).
+    float64). Scores must be NaN-free (a NaN weight means training has already diverged). The mask
+    has the memory layout (strides) of ``scores`` for every ``k``, also ``k <= 0`` and ``k >= n``.
     """
     n = scores.shape[-1]
     if k <= 0 or n == 0:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return torch.ones_like(scores, dtype=torch.bool)
     s = _ranking_scores(scores)
     return _select_up_to_kth(s, kth_smallest(s, k), k)
 
@@ -338,3 +352,165 @@ def random_unit_prune_mask(w2d: torch.Tensor, sparsity: float, generator: Option
     """Random pruning baseline: ``floor(sparsity * n_out)`` uniformly random units."""
     scores = torch.rand(w2d.shape[0], device=w2d.device, generator=generator)
     return lowest_k(scores, fraction_count(sparsity, w2d.shape[0]))
+
+
+# --- per-row counts: targeting among the weights that survive a held pruning ---
+
+
+def lowest_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``k[r]`` smallest entries of row ``r`` of ``scores [rows, n]``
+    (``k``: integer ``[rows]``, values clamped to ``[0, n]``). Same ranking (float32, float64 kept)
+    and tie rule (lowest index first) as :func:`lowest_k`, through a stable sort of each row."""
+    if scores.dim() != 2 or k.shape != scores.shape[:1]:
+        raise ValueError(f"`scores` must be [rows, n] and `k` [rows], got {tuple(scores.shape)} and {tuple(k.shape)}.")
+    s = _ranking_scores(scores)
+    order = s.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    return ranks < k.to(ranks.device, torch.long)[:, None]
+
+
+def _counts_of_survivors(fraction: float, survivors: torch.Tensor) -> torch.Tensor:
+    """``fraction_count(fraction, c)`` for every count ``c`` of ``survivors`` (an int tensor), exactly."""
+    values = survivors.unique()
+    counts = torch.tensor([fraction_count(fraction, int(c)) for c in values.tolist()], device=survivors.device)
+    return counts[torch.searchsorted(values, survivors)]
+
+
+def targeted_weights_among(w2d: torch.Tensor, gamma: float, held: torch.Tensor) -> torch.Tensor:
+    """Weight-level targeting among the surviving weights: bool ``[n_out, fan_in]``, True for the
+    ``floor(gamma * s_o)`` smallest-|w| entries of row o among its ``s_o`` entries not ``held``
+    (bool ``[n_out, fan_in]``, True = held at zero by :func:`hf_tdrop.hold_pruned`). Held entries
+    are never targeted. With nothing held this is :func:`targeted_weights`."""
+    if w2d.shape[0] == 0:
+        return torch.zeros(w2d.shape, dtype=torch.bool, device=w2d.device)
+    s = _ranking_scores(w2d.abs()).masked_fill(held, math.inf)
+    k = _counts_of_survivors(gamma, w2d.shape[1] - _row_counts(held).long())
+    if bool((k == k[0]).all()):  # the usual case (every row pruned alike): one partial selection
+        return lowest_k(s, int(k[0]))
+    return lowest_k_per_row(s, k)
+
+
+def targeted_units_among(w2d: torch.Tensor, gamma: float, held_units: torch.Tensor) -> torch.Tensor:
+    """Unit-level targeting among surviving units: bool ``[n_out]``, True for the
+    ``floor(gamma * s)`` units of smallest ||w_o||_2 among the ``s`` units not in ``held_units``
+    (bool ``[n_out]``). Held units are never targeted."""
+    k = fraction_count(gamma, w2d.shape[0] - int(held_units.sum()))
+    return lowest_k(unit_norms(w2d).masked_fill(held_units, math.inf), k)
+
+
+# --- N:M groups ---
+
+
+def nm_group_count(fan_in: int, m: int) -> int:
+    """Groups of ``m`` consecutive inputs in a row of ``fan_in`` entries: ``ceil(fan_in / m)`` (the
+    last one has ``fan_in mod m`` entries when ``m`` does not divide ``fan_in``)."""
+    return -(-int(fan_in) // int(m))
+
+
+def nm_targetable_groups(fan_in: int, n: int, m: int) -> int:
+    """Groups of a row that an N:M pattern prunes something in: the ``fan_in // m`` full groups, plus
+    the last group of ``r = fan_in mod m`` entries when ``r > n``. The γ (nm targeting) and
+    ``sparsity`` (nm pruning) fractions count these groups."""
+    return int(fan_in) // int(m) + (1 if int(fan_in) % int(m) > int(n) else 0)
+
+
+def _lowest_in_groups(g: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest of every group ``g[..., :]`` (bool like ``g``), ties by lowest index: an
+    entry is taken iff its rank ``#{j: g_j < g_i} + #{j < i: g_j == g_i}`` is below ``k``. ``m``
+    comparisons of the whole tensor (no sort; for small groups cheaper than ``topk``), ``m - 1``
+    more only when ties decide."""
+    m = g.shape[-1]
+    if k <= 0:
+        return torch.zeros_like(g, dtype=torch.bool)
+    if k >= m:
+        return torch.ones_like(g, dtype=torch.bool)
+    rank = torch.zeros(g.shape, dtype=torch.int8 if m <= 127 else torch.int32, device=g.device)
+    for j in range(m):
+        rank += g[..., j:j + 1] < g
+    selected = rank < k
+    # Without ties each group now has exactly k; a tie straddling a group's k-th place gives it
+    # more (never fewer). Only then pay for the index tie-break.
+    if int(selected.sum()) != (selected.numel() // m) * k:
+        for j in range(m - 1):
+            rank[..., j + 1:] += g[..., j:j + 1] == g[..., j + 1:]
+        selected = rank < k
+    return selected
+
+
+def _nm_select(scores: torch.Tensor, fraction: float, n: int, m: int, held: Optional[torch.Tensor] = None,
+               group_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """N:M selection on ``scores [rows, fan_in]`` (non-negative; see :func:`targeted_nm`).
+    ``group_scores [rows, G]``, if given, replaces the per-group sums used to choose groups."""
+    rows, fan_in = scores.shape
+    n_groups = nm_group_count(fan_in, m)
+    n_targetable = nm_targetable_groups(fan_in, n, m)
+    k_groups = fraction_count(fraction, n_targetable)
+    if k_groups == 0 or rows == 0:
+        return torch.zeros((rows, fan_in), dtype=torch.bool, device=scores.device)
+    s = _ranking_scores(scores)
+    if held is not None:
+        s = s.masked_fill(held, -1.0)  # below every |w|: a held entry fills one of its group's m - n
+    pad = n_groups * m - fan_in
+    if pad:  # the tail group, zero-padded: the padding ranks below everything (distinct values: no ties)
+        fill = -2.0 - torch.arange(pad, dtype=s.dtype, device=s.device)
+        s = torch.cat([s, fill.expand(rows, pad)], dim=1)
+    g = s.reshape(rows, n_groups, m)
+    selected = _lowest_in_groups(g, m - n)
+    if k_groups < n_targetable:
+        if group_scores is None:
+            group_scores = torch.where(selected, g.clamp_min(0.0), 0.0).to(torch.float64).sum(dim=-1)
+        if n_targetable < n_groups:  # a tail of r <= n entries has nothing to target: never chosen
+            group_scores = group_scores.clone()
+            group_scores[:, -1] = math.inf
+        selected &= lowest_k(group_scores, k_groups).unsqueeze(-1)
+    selected = selected.view(rows, n_groups * m)[:, :fan_in]
+    if held is not None:
+        selected &= ~held
+    return selected
+
+
+def targeted_nm(w2d: torch.Tensor, gamma: float, n: int, m: int, held: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """N:M targeting: bool ``[n_out, fan_in]``, True for the entries an N:M pattern removes.
+
+    Each row w_o is cut into ``G = ceil(fan_in / m)`` groups of ``m`` consecutive inputs; in every
+    group the ``m - n`` smallest |w| are selected (ranked in float32, ties: lowest index first). A
+    last group of ``r < m`` entries counts as zero-padded to ``m``: its ``max(0, r - n)`` smallest
+    are selected. Of the ``T`` groups of a row with something selected (:func:`nm_targetable_groups`),
+    the ``floor(gamma * T)`` whose selected entries have the smallest sum of |w| (in float64; ties:
+    lowest group index) are targeted (all of them for ``gamma = 1``).
+
+    ``held`` (bool ``[n_out, fan_in]``, True = held at zero) entries are never targeted; each one
+    counts as one of its group's ``m - n`` (it is zero already), so only the rest of a group's
+    budget targets its surviving weights.
+    """
+    return _nm_select(w2d.abs(), gamma, n, m, held)
+
+
+def nm_prune_mask(w2d: torch.Tensor, fraction: float, n: int, m: int) -> torch.Tensor:
+    """N:M magnitude pruning: bool ``[n_out, fan_in]``, True = prune. Same selection as targeting
+    with ``gamma = fraction`` (``fraction = 1``: every group, the exact N:M pattern)."""
+    return targeted_nm(w2d, fraction, n, m)
+
+
+def random_nm_prune_mask(w2d: torch.Tensor, fraction: float, n: int, m: int,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random N:M pruning baseline: in ``floor(fraction * T)`` uniformly random groups of each row
+    (``T``: :func:`nm_targetable_groups`),
+    ``m - n`` uniformly random entries (``max(0, r - n)`` of a last group of ``r < m``)."""
+    rows, fan_in = w2d.shape
+    scores = torch.rand((rows, fan_in), device=w2d.device, generator=generator)
+    group_scores = torch.rand((rows, nm_group_count(fan_in, m)), device=w2d.device, generator=generator)
+    return _nm_select(scores, fraction, n, m, group_scores=group_scores)
+
+
+def nm_group_nonzeros(w2d: torch.Tensor, m: int) -> torch.Tensor:
+    """Nonzero entries in every group of ``m`` consecutive inputs of each row of ``w2d [rows, fan_in]``:
+    int ``[rows, ceil(fan_in / m)]`` (the last group may be shorter)."""
+    rows, fan_in = w2d.shape
+    n_groups = nm_group_count(fan_in, m)
+    nonzero = (w2d != 0).to(torch.int32)
+    pad = n_groups * m - fan_in
+    if pad:
+        nonzero = torch.cat([nonzero, nonzero.new_zeros(rows, pad)], dim=1)
+    return nonzero.reshape(rows, n_groups, m).sum(dim=-1)

@@ -25,14 +25,17 @@ def patch_model(
     gamma: Optional[float] = None,
     *,
     mode: str = "weight",
+    n: Optional[int] = None,
+    m: Optional[int] = None,
     target_modules=None,
     exclude_modules=None,
     config: Optional[TargetedDropoutConfig] = None,
 ) -> nn.Module:
     """Inject targeted dropout into ``model``'s layers, in place; returns ``model``.
 
-    Either pass ``alpha`` and ``gamma`` (and optionally ``mode``, ``target_modules``,
-    ``exclude_modules``), or a ready ``config`` alone. Every argument is validated and the layers
+    Either pass ``alpha`` and ``gamma`` (and optionally ``mode``, ``n``/``m`` for ``mode="nm"``
+    (default 2:4), ``target_modules``, ``exclude_modules``), or a ready ``config`` alone. See
+    :class:`TargetedDropoutConfig` for what each setting means. Every argument is validated and the layers
     are selected before anything changes: on any error the model is left exactly as it was.
 
     Raises:
@@ -45,7 +48,7 @@ def patch_model(
     if config is not None:
         if not isinstance(config, TargetedDropoutConfig):
             raise ValueError(f"`config` must be a TargetedDropoutConfig, got {type(config).__name__}.")
-        given = {k: v for k, v in dict(alpha=alpha, gamma=gamma, target_modules=target_modules,
+        given = {k: v for k, v in dict(alpha=alpha, gamma=gamma, n=n, m=m, target_modules=target_modules,
                                        exclude_modules=exclude_modules).items() if v is not None}
         if given or mode != "weight":
             raise ValueError(
@@ -55,8 +58,11 @@ def patch_model(
         if alpha is None or gamma is None:
             missing = [n for n, v in (("alpha", alpha), ("gamma", gamma)) if v is None]
             raise ValueError(f"patch_model needs `alpha` and `gamma` (or `config`); missing: {missing}.")
-        config = TargetedDropoutConfig(alpha=alpha, gamma=gamma, mode=mode,
-                                       target_modules=target_modules, exclude_modules=exclude_modules)
+        if mode != "nm" and (n is not None or m is not None):
+            raise ValueError(f"`n`/`m` set the N:M pattern of mode='nm'; got mode={mode!r}.")
+        config = TargetedDropoutConfig(alpha=alpha, gamma=gamma, mode=mode, n=2 if n is None else n,
+                                       m=4 if m is None else m, target_modules=target_modules,
+                                       exclude_modules=exclude_modules)
     selected = select_layers(model, config.target_modules, config.exclude_modules)
     already = [name or "<model itself>" for name, m in selected if is_patched_layer(m)]
     if already:
@@ -64,11 +70,11 @@ def patch_model(
             f"{len(already)} selected layer(s) are already patched (e.g. {already[:3]}). "
             "Use set_targeting(model, alpha=..., gamma=...) to change α/γ, or unpatch_model(model) first."
         )
-    for _, module in selected:
+    for name, module in selected:
         patch_layer(module, TargetingState(
             mode=config.mode, alpha=config.alpha, gamma=config.gamma, layout="",
             rescale=config.rescale, drop_targeted_at_eval=config.drop_targeted_at_eval,
-            refresh_every=config.refresh_every,
+            refresh_every=config.refresh_every, n=config.n, m=config.m, name=name,
         ))
     setattr(model, CONFIG_ATTR, config)  # the latest call's settings, e.g. for export metadata
     return model
@@ -98,8 +104,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 
 def targeted_layers(model: nn.Module) -> dict[str, dict]:
-    """Every patched layer: ``{name: {"type", "mode", "alpha", "gamma"}}`` in model order
-    (``type`` is the original class name, e.g. ``"Linear"``, ``"Conv1D"``)."""
+    """Every patched layer: ``{name: {"type", "mode", "alpha", "gamma"}}`` (plus ``"n"``, ``"m"`` in
+    nm mode) in model order (``type`` is the original class name, e.g. ``"Linear"``, ``"Conv1D"``)."""
     return {
         name: {"type": getattr(m, STATE_ATTR).original_class.__name__, **getattr(m, STATE_ATTR).as_dict()}
         for name, m in _patched(model)

@@ -9,7 +9,13 @@ every layer:
 * **unit mode**: the ``floor(sparsity * n_out)`` output units with the smallest ``||w_o||_2`` are
   zeroed entirely: their w_o and their bias entry.
 
-``method="random"`` prunes the same number of uniformly random weights / units (the usual baseline).
+* **nm mode**: in every group of ``m`` consecutive inputs of each w_o, the ``m - n`` entries of
+  smallest ``|w|`` are zeroed, so every group keeps at most ``n`` nonzeros (the N:M pattern; a last
+  group of ``r < m`` entries keeps ``min(r, n)``). ``sparsity`` is the fraction of each row's groups
+  pruned so (default 1: all of them); see :class:`hf_tdrop.TargetedDropoutConfig` for the details.
+
+``method="random"`` prunes the same number of uniformly random weights / units / groups and group
+entries (the usual baseline).
 
 Pruning writes zeros into the layers' own Parameters under ``torch.no_grad()``: it works on patched
 and unpatched models alike (a patched layer keeps its ``.weight``), keeps every Parameter object
@@ -28,8 +34,8 @@ import torch
 from torch import nn
 
 from . import masking
-from .config import check_mode
-from .layers import weight_layout
+from .config import check_mode, check_nm
+from .layers import check_materialized, weight_layout
 from .targets import select_layers
 
 METHODS = ("magnitude", "random")
@@ -59,6 +65,31 @@ def _check_generator(generator: Any) -> Optional[torch.Generator]:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be None or a torch.Generator, got {type(generator).__name__}.")
     return generator
+
+
+def check_group_fraction(value: Any, name: str = "sparsity") -> float:
+    """Return ``value`` as a float if it is a real number in [0, 1] (nm mode: the fraction of each
+    row's groups pruned to N:M; 1 = all), else raise ``ValueError`` naming ``name`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` (fraction of groups pruned to N:M in mode 'nm') must be in [0, 1], got {value!r}.")
+    return value
+
+
+def check_prune_settings(sparsity: Any, mode: Any, n: Any, m: Any) -> tuple[float, Optional[int], Optional[int]]:
+    """Validate :func:`prune_model`'s ``sparsity``/``mode``/``n``/``m``; returns ``(sparsity, n, m)``
+    with nm mode's defaults filled in (``sparsity`` 1, 2:4) and ``n = m = None`` in the other modes."""
+    check_mode(mode)
+    if mode == "nm":
+        n, m = check_nm(2 if n is None else n, 4 if m is None else m)
+        return (1.0 if sparsity is None else check_group_fraction(sparsity)), n, m
+    if n is not None or m is not None:
+        raise ValueError(f"`n`/`m` set the N:M pattern of mode='nm'; got mode={mode!r}.")
+    if sparsity is None:
+        raise ValueError(f"`sparsity` is required in mode {mode!r}: a number in [0, 1).")
+    return check_sparsity(sparsity), None, None
 
 
 @dataclass
@@ -98,16 +129,20 @@ class PruneReport:
     """Result of :func:`prune_model`: the settings and, per pruned layer, what was zeroed.
 
     Attributes:
-        sparsity: requested fraction in [0, 1).
-        mode: ``"weight"`` or ``"unit"``.
+        sparsity: requested fraction: in [0, 1) of each w_o / of the units; in nm mode in [0, 1], of
+            each w_o's groups pruned to N:M (1: the exact pattern).
+        mode: ``"weight"``, ``"unit"`` or ``"nm"``.
         method: ``"magnitude"`` or ``"random"``.
         layers: one :class:`LayerPruneInfo` per targeted layer, in model order.
+        n, m: the N:M pattern in nm mode, else None.
     """
 
     sparsity: float
     mode: str
     method: str
     layers: list[LayerPruneInfo] = field(default_factory=list)
+    n: Optional[int] = None
+    m: Optional[int] = None
 
     @property
     def n_weights(self) -> int:
@@ -134,8 +169,9 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         """JSON-friendly dict: settings, ``layers`` (list of dicts) and ``total``."""
+        nm = {"n": self.n, "m": self.m} if self.mode == "nm" else {}
         return {
-            "sparsity": self.sparsity, "mode": self.mode, "method": self.method,
+            "sparsity": self.sparsity, "mode": self.mode, "method": self.method, **nm,
             "layers": [layer.to_dict() for layer in self.layers],
             "total": {
                 "n_layers": len(self.layers), "n_weights": self.n_weights, "pruned_weights": self.pruned_weights,
@@ -155,7 +191,8 @@ class PruneReport:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
         lines = [
-            f"PruneReport(sparsity={self.sparsity:g}, mode={self.mode!r}, method={self.method!r}, "
+            f"PruneReport(sparsity={self.sparsity:g}, mode={self.mode!r}, "
+            + (f"n:m={self.n}:{self.m}, " if self.mode == "nm" else "") + f"method={self.method!r}, "
             f"pruned {self.pruned_fraction:.2%} of {self.n_weights} targeted weights)",
             fmt.format(*header), fmt.format(*("-" * w for w in widths)),
         ]
@@ -181,7 +218,7 @@ def _layer_type_name(module: nn.Module) -> str:
 
 
 def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method: str,
-                generator: Optional[torch.Generator]) -> _LayerPlan:
+                generator: Optional[torch.Generator], n: Optional[int] = None, m: Optional[int] = None) -> _LayerPlan:
     layout = weight_layout(module)
     weight = module.weight
     w2d = masking.unit_matrix(weight.detach(), layout)
@@ -193,6 +230,12 @@ def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method
             mask2d = masking.weight_prune_mask(w2d, sparsity)
         else:
             mask2d = masking.random_weight_prune_mask(w2d, sparsity, generator=generator)
+        units = 0
+    elif mode == "nm":
+        if method == "magnitude":
+            mask2d = masking.nm_prune_mask(w2d, sparsity, n, m)
+        else:
+            mask2d = masking.random_nm_prune_mask(w2d, sparsity, n, m, generator=generator)
         units = 0
     else:
         if method == "magnitude":
@@ -213,24 +256,27 @@ def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method
 
 
 def _plan(model: nn.Module, sparsity: Any, mode: Any, method: Any, target_modules, exclude_modules,
-          generator: Any) -> tuple[float, list[_LayerPlan]]:
+          generator: Any, n: Any = None, m: Any = None) -> tuple[float, Optional[int], Optional[int], list[_LayerPlan]]:
     """Validate every argument and compute every mask; touches no weight."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    sparsity = check_sparsity(sparsity)
-    check_mode(mode)
+    sparsity, n, m = check_prune_settings(sparsity, mode, n, m)
     check_method(method)
     _check_generator(generator)
     selected = select_layers(model, target_modules, exclude_modules)
-    return sparsity, [_plan_layer(name, m, sparsity, mode, method, generator) for name, m in selected]
+    for name, module in selected:
+        check_materialized(module, name, "pruning")
+    return sparsity, n, m, [_plan_layer(name, mod, sparsity, mode, method, generator, n, m) for name, mod in selected]
 
 
 def prune_model(
     model: nn.Module,
-    sparsity: float,
+    sparsity: Optional[float] = None,
     *,
     mode: str = "weight",
     method: str = "magnitude",
+    n: Optional[int] = None,
+    m: Optional[int] = None,
     target_modules=None,
     exclude_modules=None,
     generator: Optional[torch.Generator] = None,
@@ -239,12 +285,17 @@ def prune_model(
 
     Args:
         model: any ``nn.Module``, patched by :func:`hf_tdrop.patch_model` or not.
-        sparsity: fraction in [0, 1). Weight mode zeroes ``floor(sparsity * fan_in)`` entries of every
-            w_o (so every unit keeps at least one weight); unit mode zeroes ``floor(sparsity * n_out)``
-            whole units of every layer (their w_o and bias).
-        mode: ``"weight"`` or ``"unit"``.
-        method: ``"magnitude"`` (smallest ``|w|`` per w_o, or smallest ``||w_o||_2``; ties broken by
-            position, lowest index first) or ``"random"`` (the same counts, uniformly at random).
+        sparsity: weight and unit modes (required): fraction in [0, 1). Weight mode zeroes
+            ``floor(sparsity * fan_in)`` entries of every w_o (so every unit keeps at least one
+            weight); unit mode zeroes ``floor(sparsity * n_out)`` whole units of every layer (their
+            w_o and bias). nm mode: fraction in [0, 1] of each w_o's ``ceil(fan_in / m)`` groups
+            pruned to N:M (``floor(sparsity * G)`` groups; default 1, the exact N:M pattern).
+        mode: ``"weight"``, ``"unit"`` or ``"nm"`` (every group of ``m`` consecutive inputs of each
+            w_o keeps its ``n`` largest ``|w|``; a last group of ``r < m`` entries keeps ``min(r, n)``).
+        method: ``"magnitude"`` (smallest ``|w|`` per w_o or per group, or smallest ``||w_o||_2``;
+            ties broken by position, lowest index first) or ``"random"`` (the same counts,
+            uniformly at random).
+        n, m: the N:M pattern of nm mode, ``1 <= n < m`` (default 2:4); only with ``mode="nm"``.
         target_modules, exclude_modules: which layers, with the same defaults and matching rules as
             :func:`hf_tdrop.patch_model` (default: every supported layer but output heads and layers
             tied to embeddings).
@@ -254,15 +305,16 @@ def prune_model(
         A :class:`PruneReport` with per-layer counts.
 
     Raises:
-        ValueError: invalid ``sparsity``/``mode``/``method``/``generator``/patterns, or no layer matched.
+        ValueError: invalid ``sparsity``/``mode``/``method``/``n``/``m``/``generator``/patterns, no
+            layer matched, or a targeted layer is on the meta device (materialise the model first).
             Everything is validated and every mask computed before the first weight changes.
     """
-    report, _ = _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save=False)
+    report, _ = _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save=False, n=n, m=m)
     return report
 
 
-def _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save: bool):
-    sparsity, plans = _plan(model, sparsity, mode, method, target_modules, exclude_modules, generator)
+def _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save: bool, n=None, m=None):
+    sparsity, n, m, plans = _plan(model, sparsity, mode, method, target_modules, exclude_modules, generator, n, m)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, mask, original values)
     with torch.no_grad():
         for plan in plans:
@@ -273,17 +325,19 @@ def _prune(model, sparsity, mode, method, target_modules, exclude_modules, gener
                 if save:
                     saved.append((param, mask, param[mask]))  # boolean indexing copies
                 param.masked_fill_(mask, 0)
-    report = PruneReport(sparsity=sparsity, mode=mode, method=method, layers=[p.info for p in plans])
+    report = PruneReport(sparsity=sparsity, mode=mode, method=method, layers=[p.info for p in plans], n=n, m=m)
     return report, saved
 
 
 @contextlib.contextmanager
 def pruned(
     model: nn.Module,
-    sparsity: float,
+    sparsity: Optional[float] = None,
     *,
     mode: str = "weight",
     method: str = "magnitude",
+    n: Optional[int] = None,
+    m: Optional[int] = None,
     target_modules=None,
     exclude_modules=None,
     generator: Optional[torch.Generator] = None,
@@ -301,7 +355,7 @@ def pruned(
             print(report.pruned_fraction, evaluate(model))
         # model is back to its original weights here
     """
-    report, saved = _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save=True)
+    report, saved = _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save=True, n=n, m=m)
     try:
         yield report
     finally:

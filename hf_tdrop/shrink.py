@@ -300,10 +300,21 @@ def _tensor_bytes(model: nn.Module) -> int:
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
-    """Bytes of the ``*.safetensors`` files ``model.save_pretrained`` writes (measured in a temp dir)."""
-    with tempfile.TemporaryDirectory(prefix="hf_tdrop_size_") as tmp:
-        model.save_pretrained(tmp)
-        return sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.endswith(".safetensors"))
+    """Bytes of the ``*.safetensors`` files ``model.save_pretrained`` writes (measured in a temp dir).
+
+    Leaves the model as it was: ``save_pretrained`` records ``architectures`` and ``dtype`` in the
+    model's config, so the attributes of ``model.config`` (and ``model.generation_config``) are put
+    back afterwards, in place (modules that hold the config object keep holding it)."""
+    configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c is not None]
+    saved = [(c, dict(vars(c))) for c in configs]
+    try:
+        with tempfile.TemporaryDirectory(prefix="hf_tdrop_size_") as tmp:
+            model.save_pretrained(tmp)
+            return sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.endswith(".safetensors"))
+    finally:
+        for config, attributes in saved:
+            vars(config).clear()
+            vars(config).update(attributes)
 
 
 def _new_param(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
@@ -347,7 +358,8 @@ def shrink_model(
             units as zeros (outputs unchanged; listed in ``report.padded_blocks``). ``"raise"`` --
             refuse with a ``ValueError`` and leave the model untouched.
         measure_file_size: also save the model with ``save_pretrained`` (safetensors) to a temporary
-            directory before and after and report the measured bytes (costs two saves).
+            directory before and after and report the measured bytes (costs two saves). Measuring
+            changes nothing: the config is left as shrinking alone leaves it.
 
     Returns:
         A :class:`ShrinkReport`. The model itself is modified in place: the up/gate projections lose

@@ -96,11 +96,37 @@ def test_help_documents_every_flag(capsys):
     assert code == 0 and "prune" in out and "report" in out
     code, out, _ = run(["prune", "--help"], capsys)
     assert code == 0
-    for flag in ("--sparsity", "--mode", "--method", "--target-modules", "--exclude-modules", "--seed", "--shrink",
+    for flag in ("--sparsity", "--mode", "--n", "--m", "--method", "--target-modules", "--exclude-modules", "--seed", "--shrink",
                  "--on-uneven", "--output", "--overwrite", "--push-to-hub", "--private", "--base-model"):
         assert flag in out
     code, out, _ = run(["report", "--help"], capsys)
     assert code == 0 and "--format" in out and "--target-modules" in out
+
+
+def test_prune_nm_two_of_four(checkpoint, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_tdrop import check_nm_sparsity
+
+    out = tmp_path / "nm"
+    code, stdout, _ = run(["prune", checkpoint, "--mode", "nm", "--n", "2", "--m", "4", "--output", out], capsys)
+    assert code == 0 and "magnitude 2:4 pruning" in stdout
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert (meta["pruning"]["mode"], meta["pruning"]["n"], meta["pruning"]["m"]) == ("nm", 2, 4)
+    assert meta["pruning"]["nm_check"]["exact"] is True
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert check_nm_sparsity(model).ok
+    assert (model.classifier.weight != 0).all()  # heads are left dense by default
+    reference = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    prune_model(reference, mode="nm")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    code, _, _ = run(["prune", checkpoint, "--mode", "nm", "--n", "1", "--m", "4", "--sparsity", "0.5",
+                      "--output", tmp_path / "half"], capsys)
+    assert code == 0
+    half = AutoModelForSequenceClassification.from_pretrained(tmp_path / "half")
+    zeros = (half.bert.encoder.layer[0].attention.self.query.weight == 0).sum(dim=1)
+    assert zeros.tolist() == [4 * 3] * 32  # floor(0.5 * 8) groups of 4, 3 zeros each
 
 
 BAD_PRUNE = [
@@ -114,6 +140,11 @@ BAD_PRUNE = [
     (["--sparsity", "0.5", "--output", "{out}", "--seed", "-1"], 2, "non-negative integer"),
     (["--sparsity", "0.5", "--output", "{out}", "--target-modules", "nothing_like_this"], 2, "No layer matched"),
     (["--sparsity", "0.5", "--output", "{busy}"], 2, "is not empty; pass --overwrite"),
+    (["--output", "{out}"], 2, "--sparsity is required with --mode weight"),
+    (["--sparsity", "0.5", "--n", "2", "--output", "{out}"], 2, "--n/--m set the N:M pattern of --mode nm"),
+    (["--mode", "nm", "--n", "4", "--m", "4", "--output", "{out}"], 2, "--n (nonzeros kept per group of m=4)"),
+    (["--mode", "nm", "--n", "0", "--output", "{out}"], 2, "expected a positive integer"),
+    (["--mode", "nm", "--sparsity", "1.5", "--output", "{out}"], 2, "--sparsity (fraction of groups"),
 ]
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
+import hf_tdrop
 from hf_tdrop import SweepResult, SweepTable, patch_model, prune_model
 from hf_tdrop.models import MLPConfig, MLPForImageClassification
 
@@ -58,7 +59,9 @@ def test_runs_flag_parsing_and_errors(tmp_path):
     paper = ic.parse_args(["--preset", "paper"])
     assert (paper.num_train_epochs, paper.per_device_train_batch_size, paper.weight_decay, paper.optim,
             paper.model, paper.dataset) == (256.0, 128, 2e-4, "sgd", "resnet32", "cifar10")
-    files = ic.parse_args(["--train_file", "a.parquet", "--test_file", "b.parquet"])
+    (tmp_path / "a.parquet").touch()
+    (tmp_path / "b.parquet").touch()
+    files = ic.parse_args(["--train_file", str(tmp_path / "a.parquet"), "--test_file", str(tmp_path / "b.parquet")])
     assert files.dataset == "files"
     for bad in (["--runs", "weight:0.5"], ["--runs", "dropout:0.5:0.5"], ["--runs", "weight:2:0.5"],
                 ["--runs", "none,none"], ["--sparsities", "0,1.0"], ["--prune_modes", "weight,channel"],
@@ -298,3 +301,123 @@ def test_any_hf_image_classification_config(tmp_path):
     assert state["global_step"] == 5 and state["log_history"][0]["tdrop_gamma"] == 0.5
     table = SweepTable.from_json(out / "unit_pruning.json")
     assert table.sparsities == [0.0, 0.5] and table.columns == ["unit TD α=0.5 γ=0.5"]
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR recipe
+
+
+def test_crop_flip_takes_one_shifted_window_per_image_and_flips_about_half():
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    out = ic.crop_flip(pixels, pad=2)
+    assert out.shape == pixels.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(pixels, (2, 2, 2, 2))
+    flips = 0
+    for k in range(64):
+        windows = [(padded[k, :, i:i + 8, j:j + 8], f) for i in range(5) for j in range(5) for f in (0, 1)]
+        matches = [f for w, f in windows if torch.equal(out[k], w.flip(-1) if f else w)]
+        assert matches, k  # exactly a padded window, flipped or not
+        flips += matches[0]
+    assert 16 < flips < 48
+
+
+def _cifar_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--preset", "cifar10-cpu", "--train_file", str(data / "train.parquet"),
+            "--test_file", str(data / "test.parquet"), "--max_train_samples", "256", "--max_eval_samples", "100",
+            "--resnet_blocks_per_stage", "1", "--max_steps", "3", "--per_device_train_batch_size", "32",
+            "--bn_recalibration_batches", "2", "--sparsities", "0,0.9", "--output_dir", str(out), *FAST, *extra]
+
+
+def test_cifar_recipe_leaves_the_stem_dense_and_sweeps_both_bn_protocols(tmp_path):
+    data = require_shared_data("cifar10")
+    out = tmp_path / "out"
+    argv = _cifar_argv(data, out, "--runs", "weight:0.75:0.9", "--prune_modes", "weight")
+    args = ic.parse_args(argv)
+    assert (args.nesterov, args.label_smoothing_factor, args.channels_last, args.schedule) == \
+        (True, 0.1, True, "piecewise")
+    result = ic.main(argv)
+    model = result["model"]
+    targeted = hf_tdrop.targeted_layers(model)
+    assert "resnet.stem" not in targeted and "resnet.stages.0.0.conv1" in targeted
+    run_dir = out / "weight-a0.75-g0.9"
+    raw = SweepResult.from_json(run_dir / "sweep-weight.json")
+    bn = SweepResult.from_json(run_dir / "sweep-weight_bn.json")
+    assert raw.recalibration is None and bn.recalibration == {"method": "batchnorm", "num_batches": 2}
+    for name in ("weight_pruning", "weight_bn_pruning"):
+        assert SweepTable.from_json(out / f"{name}.json").sparsities == [0.0, 0.9]
+    results = (out / "results.md").read_text()
+    assert "BatchNorm statistics re-estimated at every level" in results and "targeted set removed" in results
+
+    # the committed-checkpoint path: --no-do_train evaluates the saved run unchanged ...
+    again, models = tmp_path / "again", tmp_path / "models"
+    shutil.copytree(run_dir, models / "weight-a0.75-g0.9", ignore=shutil.ignore_patterns("checkpoint-*", "sweep-*"))
+    ic.main(_cifar_argv(data, again, "--runs", "weight:0.75:0.9", "--prune_modes", "weight", "--no-do_train",
+                        "--trained_models_dir", str(models)))
+    for name in ("sweep-weight.json", "sweep-weight_bn.json"):
+        assert SweepResult.from_json(again / "weight-a0.75-g0.9" / name).metrics == \
+            SweepResult.from_json(run_dir / name).metrics
+    # ... and the directory alone (image processor + model) evaluates it through transformers
+    from transformers import AutoImageProcessor
+    import datasets
+
+    processor = AutoImageProcessor.from_pretrained(run_dir)
+    plain = AutoModelForImageClassification.from_pretrained(run_dir).eval()
+    test = datasets.load_dataset("parquet", data_files={"test": str(data / "test.parquet")})["test"].select(range(100))
+    with torch.no_grad():
+        logits = plain(**processor(images=list(test["img"]), return_tensors="pt")).logits
+    accuracy = (logits.argmax(-1) == torch.tensor(test["label"])).float().mean().item()
+    assert accuracy == pytest.approx(raw.metrics["accuracy"][0], abs=1e-9)
+
+
+def test_include_stem_targets_the_first_convolution(tmp_path):
+    data = require_shared_data("cifar10")
+    out = tmp_path / "out"
+    result = ic.main(_cifar_argv(data, out, "--runs", "unit:0.9:0.75", "--include_stem", "--no-do_sweep",
+                                 "--max_steps", "1"))
+    assert "resnet.stem" in hf_tdrop.targeted_layers(result["model"])
+
+
+def test_no_do_train_without_a_trained_model_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no trained model for run 'none'"):
+        ic.main(["--runs", "none", "--no-do_train", "--output_dir", str(tmp_path / "missing"), *FAST])
+
+
+def test_gpu_preset_runs_its_code_path_on_cpu(tmp_path):
+    """cifar10-gpu: data kept on the training device and augmented there, bf16 autocast, channels-last;
+    on a CPU-only machine the same path runs on the CPU (tiny run)."""
+    data = require_shared_data("cifar10")
+    out = tmp_path / "out"
+    argv = ["--preset", "cifar10-gpu", "--train_file", str(data / "train.parquet"), "--test_file",
+            str(data / "test.parquet"), "--max_train_samples", "128", "--max_eval_samples", "64",
+            "--resnet_blocks_per_stage", "1", "--max_steps", "2", "--per_device_train_batch_size", "32",
+            "--bn_recalibration_batches", "1", "--runs", "weight:0.75:0.9", "--sparsities", "0,0.5",
+            "--prune_modes", "weight", "--output_dir", str(out), *FAST]
+    args = ic.parse_args(argv)
+    assert args.data_on_device and args.bf16 and args.channels_last and args.num_train_epochs == 30
+    ic.main(argv)
+    state = json.loads((out / "weight-a0.75-g0.9" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert SweepTable.from_json(out / "weight_bn_pruning.json").sparsities == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "foo"], "argument --dataset: invalid choice: 'foo'"),
+    (["--train_file", "missing.parquet", "--test_file", "missing2.parquet"], "--train_file missing.parquet: no such file."),
+    (["--bn_recalibration_batches", "-1"], "--bn_recalibration_batches must be >= 0"),
+])
+def test_bad_flags_are_one_line_with_exit_status_2(argv, expected, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        ic.main([*argv, "--output_dir", str(tmp_path / "never")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "usage:" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_help_shows_the_presets_real_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        ic.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "cifar10-cpu: 12.0" in text and "cpu-small: 30.0" in text  # --num_train_epochs
+    assert "(default: None)" not in text.split("--learning_rate")[1].split("--lr_scheduler_type")[0]

@@ -18,6 +18,36 @@ def test_fraction_count_is_floor_and_robust_to_float_rounding():
     assert masking.fraction_count(0.5, 1) == 0
 
 
+@pytest.mark.parametrize("fraction,n,count", [
+    (0.0, 0, 0), (0.0, 7, 0), (1.0, 0, 0), (1.0, 7, 7), (1.0, 1000, 1000), (0.5, 7, 3), (0.5, 1, 0),
+    (0.29, 100, 29), (0.7, 10, 7), (0.1, 30, 3), (0.3, 10, 3), (0.57, 100, 57), (0.9, 10, 9),
+    (1 - 1e-12, 1000, 999), (0.999999999999, 1000, 999), (0.9999999999, 10**10, 10**10 - 1),
+    (1e-12, 10**12, 1), (1e-12, 10**12 - 1, 0), (5e-324, 10**6, 0), (0.1, 10**17, 10**16),
+    (1, 5, 5), (0, 5, 0),
+])
+def test_fraction_count_is_exact_floor_of_the_fraction_as_written(fraction, n, count):
+    assert masking.fraction_count(fraction, n) == count
+    assert type(masking.fraction_count(fraction, n)) is int
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0.0, 1.0, allow_nan=False), st.integers(0, 10**7))
+def test_fraction_count_matches_decimal_rational_floor(fraction, n):
+    from fractions import Fraction
+
+    expected = math.floor(Fraction(repr(fraction)) * n)
+    assert masking.fraction_count(fraction, n) == expected
+    assert 0 <= expected <= n
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10**4), st.integers(1, 10**4))
+def test_fraction_count_of_a_decimal_p_over_q_is_floor_p_n_over_q(numerator, n):
+    """A fraction typed as a short decimal (p / 10**4) counts exactly floor(p * n / 10**4)."""
+    fraction = numerator / 10**4
+    assert masking.fraction_count(fraction, n) == numerator * n // 10**4
+
+
 def test_lowest_k_selects_exactly_k_smallest_per_row():
     scores = torch.tensor([[5.0, 1.0, 3.0, 2.0, 4.0], [0.1, 0.5, 0.3, 0.2, 0.4]])
     mask = masking.lowest_k(scores, 2)

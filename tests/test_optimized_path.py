@@ -128,6 +128,99 @@ def test_refresh_every_reuses_targeted_set_until_k_updates_or_gamma_change():
     assert targeted_set(layer).sum(dim=1).tolist() == [5] * 8  # γ change re-targets at once
 
 
+def _refresh_pattern(layer, opt, steps, forwards_per_step=1):
+    """Train ``layer`` for ``steps`` optimizer steps; per forward, whether the targeted set was
+    recomputed (a new tensor) rather than reused from the cache. Every recomputed set is checked to
+    be the exact targeting of the weights at that moment."""
+    recomputed, previous = [], None
+    for _ in range(steps):
+        for _ in range(forwards_per_step):
+            layer(torch.randn(4, layer.in_features)).square().sum().backward()
+            current = layer.tdrop_state.cached_targeting[-1]
+            recomputed.append(current is not previous)
+            if current is not previous:
+                assert torch.equal(current, masking.targeted_weights(layer.weight, layer.tdrop_state.gamma))
+            previous = current
+        opt.step()
+        opt.zero_grad()
+    return recomputed
+
+
+@pytest.mark.parametrize("make_opt", [
+    pytest.param(lambda p: torch.optim.AdamW(p, lr=0.1, fused=True), id="adamw-fused"),
+    pytest.param(lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1, foreach=True), id="adamw-foreach-wd"),
+    pytest.param(lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1, foreach=False), id="adamw-forloop-wd"),
+    pytest.param(lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, weight_decay=0.1, foreach=False), id="sgd-forloop-wd"),
+    pytest.param(lambda p: torch.optim.Adam(p, lr=0.1, foreach=True), id="adam-foreach"),
+])
+@pytest.mark.parametrize("forwards_per_step", [1, 2])
+def test_refresh_every_counts_optimizer_steps_for_every_optimizer(make_opt, forwards_per_step):
+    """refresh_every=4 re-targets at optimizer steps 0, 4, 8, whatever the optimizer does to the
+    weight tensor (fused AdamW never bumps its version counter, AdamW with weight decay bumps it
+    twice per step), and with gradient accumulation (several forwards per step) only at a step."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    patch_model(layer, config=TargetedDropoutConfig(alpha=0.5, gamma=0.5, refresh_every=4))
+    layer.train()
+    recomputed = _refresh_pattern(layer, make_opt(layer.parameters()), 12, forwards_per_step)
+    steps = [i // forwards_per_step for i, r in enumerate(recomputed) if r]
+    assert steps == [0, 4, 8]
+
+
+def test_refresh_every_counts_only_the_steps_of_the_optimizer_holding_the_weight():
+    torch.manual_seed(0)
+    layer, other = nn.Linear(32, 16), nn.Linear(4, 4)
+    patch_model(layer, config=TargetedDropoutConfig(alpha=0.5, gamma=0.5, refresh_every=3))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    recomputed, previous = [], None
+    for _ in range(7):
+        layer(torch.randn(4, 32)).square().sum().backward()
+        other(torch.randn(2, 4)).sum().backward()
+        current = layer.tdrop_state.cached_targeting[-1]
+        recomputed.append(current is not previous)
+        previous = current
+        opt.step()
+        for _ in range(5):  # an unrelated optimizer stepping more often does not advance the layer's clock
+            other_opt.step()
+    assert [i for i, r in enumerate(recomputed) if r] == [0, 3, 6]
+
+
+def test_refresh_every_under_trainer_with_accumulation_and_checkpointing(tmp_path):
+    """Trainer (accelerate, its default fused AdamW), 2 micro-batches per optimizer step and gradient
+    checkpointing (every forward recomputed in backward): all forwards of one optimizer step see the
+    same targeted set, and it is recomputed exactly every ``refresh_every`` optimizer steps."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    patch_model(model, config=TargetedDropoutConfig(alpha=0.5, gamma=0.5, refresh_every=2,
+                                                    target_modules="intermediate.dense"))
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(3, 99, (48, 8), generator=g).tolist(),
+                              "labels": torch.randint(0, 3, (48,), generator=g).tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, max_steps=6, activation_checkpointing=True, learning_rate=0.05,
+        save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    seen = []  # (optimizer step, targeted set) at every training forward of the layer
+    layer.register_forward_hook(
+        lambda m, a, o: seen.append((trainer.state.global_step, m.tdrop_state.cached_targeting[-1])) if m.training else None)
+    trainer.train()
+    assert [step for step, _ in seen] == [s for s in range(6) for _ in range(4)]  # 2 micro-batches x recompute
+    by_step = {}
+    for step, targeted in seen:
+        by_step.setdefault(step, []).append(targeted)
+    for step, sets in by_step.items():
+        assert all(t is sets[0] for t in sets), f"step {step}: the forwards of one step saw different sets"
+    firsts = [by_step[s][0] for s in range(6)]
+    assert [firsts[s] is not firsts[s - 1] for s in range(1, 6)] == [False, True, False, True, False]
+
+
 def test_refresh_every_validation():
     with pytest.raises(ValueError, match="`refresh_every` must be an integer >= 1"):
         TargetedDropoutConfig(alpha=0.5, gamma=0.5, refresh_every=0)

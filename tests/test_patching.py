@@ -241,7 +241,11 @@ def _assert_untouched(model, classes):
     (dict(alpha=float("nan"), gamma=0.5), r"`alpha` must be in \[0, 1\]"),
     (dict(alpha="0.5", gamma=0.5), r"`alpha` must be a number in \[0, 1\]"),
     (dict(alpha=True, gamma=0.5), r"`alpha` must be a number"),
-    (dict(alpha=0.5, gamma=0.5, mode="channel"), r"`mode` must be one of \['weight', 'unit'\]"),
+    (dict(alpha=0.5, gamma=0.5, mode="channel"), r"`mode` must be one of \['weight', 'unit', 'nm'\]"),
+    (dict(alpha=0.5, gamma=0.5, mode="nm", n=4, m=4), r"`n` \(nonzeros kept per group of m=4\) must be an integer in \[1, 3\]"),
+    (dict(alpha=0.5, gamma=0.5, mode="nm", n=1, m=1), r"`m` \(the N:M group size\) must be an integer >= 2"),
+    (dict(alpha=0.5, gamma=0.5, m=8), r"`n`/`m` set the N:M pattern of mode='nm'"),
+    (dict(n=2, config=TargetedDropoutConfig(0.5, 0.5)), r"either `config` or keyword settings, not both \(got config and \['n'\]\)"),
     (dict(alpha=0.5, gamma=0.5, target_modules=5), r"`target_modules` must be None, a string"),
     (dict(alpha=0.5, gamma=0.5, target_modules=[]), r"`target_modules` must contain non-empty strings"),
     (dict(alpha=0.5, gamma=0.5, exclude_modules=[""]), r"`exclude_modules` must contain non-empty strings"),
@@ -408,3 +412,70 @@ def test_patched_layer_unpickles_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def _meta_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("mode", ["weight", "unit"])
+def test_meta_device_training_forward_is_a_clear_error(mode):
+    model = _meta_gpt2()
+    patch_model(model, alpha=0.5, gamma=0.5, mode=mode)  # patching needs no values
+    model.train()
+    ids = torch.randint(3, 99, (2, 7), device="meta")
+    with pytest.raises(ValueError, match=r"(?s)'transformer\.h\.0\.attn\.c_attn'.*meta device.*to_empty") as err:
+        model(input_ids=ids)
+    assert "from_pretrained" in str(err.value)
+    state = model.transformer.h[0].attn.c_attn.tdrop_state
+    assert state.threshold_bracket is None and state.cached_targeting is None  # nothing was computed
+    model.eval()
+    set_targeting(model, alpha=0.5, gamma=0.5)
+    model.transformer.h[0].attn.c_attn.tdrop_state.drop_targeted_at_eval = True
+    with pytest.raises(ValueError, match="meta device"):
+        model(input_ids=ids)
+    # the advice works: materialise, load real weights, train
+    reference = TINY_MODELS["gpt2"]()
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    model.tie_weights()
+    model.train()
+    assert torch.isfinite(model(**tiny_inputs("gpt2")).loss)
+
+
+@pytest.mark.parametrize("make,x_shape,unit_shape", [
+    (lambda: nn.Linear(10, 8), (3, 10), (1, 8)),
+    (lambda: Conv1D(8, 10), (2, 3, 10), (1, 1, 8)),
+    (lambda: nn.Conv2d(3, 8, 3), (2, 3, 6, 6), (1, 8, 1, 1)),
+], ids=["linear", "conv1d_gpt2", "conv2d"])
+@pytest.mark.parametrize("alpha,gamma", [(1.0, 0.5), (0.5, 0.5), (0.66, 0.75)])
+def test_unit_mode_rescale_multiplies_the_output_by_inverse_keep_rate(make, x_shape, unit_shape, alpha, gamma):
+    """Unit mode with rescale=True: the training output is the unpatched output with the dropped units
+    zeroed, times 1 / (1 - γα) (bias included); without rescale, and in eval, no factor."""
+    torch.manual_seed(0)
+    plain = make()
+    x = torch.randn(*x_shape)
+    layout = masking.LAYOUT_IN_OUT if isinstance(plain, Conv1D) else masking.LAYOUT_OUT_IN
+    with torch.no_grad():
+        reference = plain(x)
+    for rescale in (True, False):
+        layer = copy.deepcopy(plain)
+        patch_model(layer, config=TargetedDropoutConfig(alpha=alpha, gamma=gamma, mode="unit", rescale=rescale))
+        layer.train()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            out = layer(x)
+        torch.manual_seed(123)  # the same draw, written out by hand
+        targeted = masking.targeted_units(masking.unit_matrix(plain.weight.detach(), layout), gamma)
+        keep = (~masking.sample_drop(targeted, alpha)).to(reference.dtype).view(unit_shape)
+        factor = 1.0 / (1.0 - gamma * alpha) if rescale else 1.0
+        torch.testing.assert_close(out, reference * keep * factor, rtol=1e-6, atol=1e-6)
+        if alpha == 1.0:
+            assert torch.equal(keep.flatten() == 0, targeted)  # α = 1: exactly the targeted units
+        layer.eval()
+        with torch.no_grad():
+            assert torch.equal(layer(x), reference)

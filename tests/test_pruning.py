@@ -325,6 +325,8 @@ BAD_ARGS = [
     ({"target_modules": 3}, "target_modules"), ({"target_modules": []}, "target_modules"),
     ({"exclude_modules": 5}, "exclude_modules"), ({"exclude_modules": ".*"}, "exclude_modules"),
     ({"generator": 3}, "generator"),
+    ({"n": 2}, "`n`/`m` set the N:M pattern of mode='nm'"), ({"mode": "nm", "m": 3, "n": 3}, "`n`"),
+    ({"mode": "nm", "sparsity": 1.01}, "sparsity"),
 ]
 
 
@@ -353,6 +355,21 @@ def test_sparsity_error_states_the_range():
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model"):
         prune_model("bert", 0.5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_meta_device_is_a_clear_error_before_anything_is_pruned(method):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    with torch.device("meta"):
+        model.append(nn.Linear(8, 4))
+    before = model[0].weight.detach().clone()
+    for call in (lambda: prune_model(model, 0.5, method=method, target_modules=["0", "2"]),
+                 lambda: pruned(model, 0.5, method=method, mode="unit", target_modules=["0", "2"]).__enter__()):
+        with pytest.raises(ValueError, match=r"(?s)layer '2' \(Linear\).*meta device.*to_empty"):
+            call()
+        assert torch.equal(model[0].weight, before)  # the materialised layer was not pruned either
+    with pytest.raises(ValueError, match=r"(?s)sparsity_report: layer '2' \(Linear\).*meta device"):
+        sparsity_report(model)
 
 
 # ------------------------------------------------------------------------------------ sparsity_report

@@ -263,6 +263,37 @@ def test_no_dead_units_changes_nothing():
     assert model.config.n_inner is None
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "t5", "bert"])
+@pytest.mark.parametrize("prune", [False, True], ids=["nothing-to-shrink", "unit-pruned"])
+def test_measuring_file_size_changes_neither_config_nor_weights(arch, prune):
+    """The two internal save_pretrained calls of measure_file_size=True leave no trace: the config
+    (no added `architectures`/`dtype`), the generation config and the state_dict are what shrinking
+    alone gives (measure_file_size=False)."""
+    def run(measure):
+        torch.manual_seed(0)
+        model = FACTORIES[arch]().eval()
+        if prune:
+            for _, up, _, _ in ffn_blocks(model, arch):
+                zero_units(up, list(range(width(up) // 2)))
+        config_before = model.config.to_dict()
+        generation_before = getattr(model, "generation_config", None)
+        generation_before = None if generation_before is None else generation_before.to_dict()
+        report = shrink_model(model, measure_file_size=measure)
+        generation = getattr(model, "generation_config", None)
+        return (model, config_before, model.config.to_dict(),
+                generation_before, None if generation is None else generation.to_dict(), report)
+
+    measured, before, after, gen_before, gen_after, report = run(True)
+    plain, _, plain_after, _, plain_gen_after, _ = run(False)
+    assert report.file_bytes_before > 0 and report.file_bytes_after > 0
+    assert after == plain_after and gen_after == plain_gen_after
+    if not prune:
+        assert after == before and gen_after == gen_before
+    assert measured.state_dict().keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(measured.state_dict()[key], value), key
+
+
 def test_marian_encoder_and_decoder_widths_are_separate():
     model = FACTORIES["marian"]().eval()
     for name, up, _, _ in ffn_blocks(model, "marian"):

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import tiny_bert, tiny_inputs
 from hf_tdrop import (SweepResult, SweepTable, combine_sweeps, patch_model, plot_sweeps, prune_model,
@@ -294,3 +295,23 @@ def test_combine_real_sweeps_and_plot(bert_sweep, tmp_path):
         plot_sweeps([none, td], tmp_path / "x.png", "bleu")
     assert not (tmp_path / "x.png").exists()
     assert not any(math.isnan(v) for v in none.metrics["loss"])
+
+
+def test_nm_sweep_levels_are_group_fractions_up_to_the_full_pattern():
+    from hf_tdrop import check_nm_sparsity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    seen = []
+
+    def evaluate(m):
+        seen.append(check_nm_sparsity(m, n=1, m=4, target_modules=["0", "2"]).ok)
+        return 0.0
+
+    result = prune_sweep(model, evaluate, [0.0, 0.5, 1.0], mode="nm", n=1, m=4, target_modules=["0", "2"],
+                         progress=False)
+    assert seen == [False, False, True]  # only the full pattern is exactly 1:4
+    assert result.sparsities == [0.0, 0.5, 1.0]
+    assert result.pruned_fraction[2] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="sparsities"):
+        prune_sweep(model, evaluate, [1.0], mode="weight", progress=False)

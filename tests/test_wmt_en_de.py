@@ -97,8 +97,6 @@ def test_combine_runs_writes_paper_tables(td_run, tmp_path):
     assert table["sparsities"] == [0.0, 0.5, 0.9] and len(table["columns"]) == 2
     assert (tmp_path / "table-validation-weight-bleu.md").read_text().count("\n") >= 4
     assert (tmp_path / "plot-validation-weight.png").is_file()
-    with pytest.raises(FileNotFoundError, match="no sweeps/sweep-"):
-        wmt_en_de.main(["--combine_runs", str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
 
 
 def test_resume_continues_the_same_schedule(tmp_path):
@@ -124,24 +122,84 @@ def test_resume_continues_the_same_schedule(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "resumed training diverged from the full run"
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (["--validation_files", "/nonexistent/v.en", "/nonexistent/v.de"], FileNotFoundError, "file not found"),
-    (["--source_lang", "fr"], ValueError,
-     r"--train_files: the file names say languages \['en', 'de'\] but --source_lang/--target_lang are 'fr'/'de'"),
-])
-def test_bad_inputs_fail_before_training(tmp_path, bad, error, match):
-    args = small_args(tmp_path / "o", 1) + bad
-    with pytest.raises(error, match=match):
+def run_error(capsys, args):
+    """Run main(args) expecting a bad-input stop: returns the stderr text (exit status 2 checked)."""
+    with pytest.raises(SystemExit) as exc:
         wmt_en_de.main(args)
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert exc.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_mismatched_line_counts_cli(tmp_path):
+@pytest.mark.parametrize("bad, message", [
+    (["--validation_files", "/nonexistent/v.en", "/nonexistent/v.de"],
+     "wmt_en_de.py: error: --validation_files: file not found: '/nonexistent/v.en'."),
+    (["--source_lang", "fr"],
+     "wmt_en_de.py: error: --train_files: the file names say languages ['en', 'de'] but --source_lang/--target_lang "
+     "are 'fr'/'de'."),
+    (["--eval_splits", "test"],
+     "wmt_en_de.py: error: --eval_splits test: the data has only ['train', 'validation']"),
+    (["--td_mode", "weight", "--td_target_modules", "no_such_layer"], "wmt_en_de.py: error: --td_target_modules: "),
+])
+def test_bad_data_stops_before_anything_is_written(tmp_path, capsys, bad, message):
+    out = tmp_path / "o"
+    err = run_error(capsys, small_args(out, 1) + bad)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), err
+    assert not out.exists()
+
+
+def test_mismatched_line_counts_cli(tmp_path, capsys):
     d = require_shared_data("multi30k")
     short = tmp_path / "short.de"
     short.write_text("Ein Hund.\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"--validation_files: parallel files have different line counts"):
-        wmt_en_de.main(small_args(tmp_path / "o", 1, "--validation_files", str(d / "val.en.gz"), str(short)))
+    err = run_error(capsys, small_args(tmp_path / "o", 1, "--validation_files", str(d / "val.en.gz"), str(short)))
+    assert err.startswith("wmt_en_de.py: error: --validation_files: parallel files have different line counts: ")
+    assert str(short) in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--checkpointing_steps", "x"], "--checkpointing_steps must be a positive integer or 'epoch', got 'x'."),
+    (["--resume_from_checkpoint", "no/such/state"], "--resume_from_checkpoint: no such folder 'no/such/state'."),
+    (["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint latest: no step_*/epoch_* folder in "),
+    (["--no-do_train"], "--no-do_train needs --model_name_or_path"),
+    (["--max_train_samples", "0"], "--max_train_samples must be >= 1, got 0."),
+    (["--td_schedule", "linear"], "--td_schedule linear needs exactly one of --td_ramp_fraction / --td_ramp_steps."),
+    (["--sweep_sparsities", "0.5", "0.5"], "--sweep_sparsities must be distinct"),
+])
+def test_bad_flags_one_line_exit_2(tmp_path, capsys, bad, message):
+    out = tmp_path / "o"
+    args = ["--train_files", "a.en", "a.de", "--output_dir", str(out), *bad]  # flags are checked before the data
+    err = run_error(capsys, args)
+    assert err.startswith("wmt_en_de.py: error: " + message) and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_combine_runs_of_unfinished_run_is_a_flag_error(tmp_path, capsys):
+    err = run_error(capsys, ["--combine_runs", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "t")])
+    assert err.startswith("wmt_en_de.py: error: --combine_runs: no sweeps/sweep-*.json in ")
+    assert not (tmp_path / "t").exists()
+
+
+def test_missing_files_from_the_shell(tmp_path):
+    """The command line a user types: one line on stderr, exit status 2, no traceback, nothing written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--train_files", "/nonexistent.en", "/nonexistent.de",
+                           "--output_dir", "o"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["wmt_en_de.py: error: --train_files: file not found: '/nonexistent.en'."]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_shows_a_cpu_example_and_real_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        wmt_en_de.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "OMP_NUM_THREADS=1 python examples/wmt_en_de.py --model_preset tiny" in text
+    assert "(default: None)" not in text
+    assert "Pruning modes to sweep. (default: ['weight'])" in " ".join(text.split())
 
 
 def test_accelerate_launch_two_processes(tmp_path):
@@ -163,3 +221,25 @@ def test_accelerate_launch_two_processes(tmp_path):
     # 12 validation sentences sharded over 2 processes and gathered back: each exactly once, in order
     lines = (out / "translations" / "validation-weight-00.tsv").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 13 and lines[1].startswith("A group of men are loading cotton onto a truck\t")
+
+
+def test_checkpoint_saves_hide_the_shard_progress_bar(tmp_path, capsys):
+    """save_pretrained's "Writing model shards" bar is off inside the block and the setting comes back."""
+    import transformers
+
+    from conftest import tiny_marian
+
+    logging_utils = transformers.utils.logging
+    assert logging_utils.is_progress_bar_enabled()
+    with wmt_en_de.no_transformers_progress_bars():
+        assert not logging_utils.is_progress_bar_enabled()
+        tiny_marian().save_pretrained(tmp_path / "m")
+    assert logging_utils.is_progress_bar_enabled()
+    assert "Writing model shards" not in capsys.readouterr().err
+    logging_utils.disable_progress_bar()
+    try:  # already off: stays off
+        with wmt_en_de.no_transformers_progress_bars():
+            pass
+        assert not logging_utils.is_progress_bar_enabled()
+    finally:
+        logging_utils.enable_progress_bar()
