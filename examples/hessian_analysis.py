@@ -43,8 +43,7 @@ from tqdm.auto import tqdm
 from hf_tdrop import patch_model, pruned, unpatch_model
 from hf_tdrop.models import MLPConfig, MLPForImageClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_classification import prepare_data, tensors_of  # noqa: E402  (data code shared with the main example)
+from image_data import prepare_data, tensors_of  # the data code shared with image_classification.py
 
 logger = logging.getLogger("hessian_analysis")
 

@@ -42,10 +42,9 @@ from transformers import (
     get_scheduler,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from translation_data import load_translation_splits, train_joint_tokenizer  # noqa: E402
+from translation_data import load_translation_splits, train_joint_tokenizer  # the helper module beside this script
 
-from hf_tdrop import (  # noqa: E402
+from hf_tdrop import (
     MODES,
     TargetingSchedule,
     TargetingScheduler,

@@ -24,6 +24,7 @@ from conftest import REPO_ROOT, require_shared_data
 EXAMPLES = REPO_ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import image_classification as ic  # noqa: E402
+import image_data  # noqa: E402
 
 FAST = ["--disable_tqdm", "--save_strategy", "no", "--logging_steps", "5"]
 
@@ -309,7 +310,7 @@ def test_any_hf_image_classification_config(tmp_path):
 def test_crop_flip_takes_one_shifted_window_per_image_and_flips_about_half():
     torch.manual_seed(0)
     pixels = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    out = ic.crop_flip(pixels, pad=2)
+    out = image_data.crop_flip(pixels, pad=2)
     assert out.shape == pixels.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(pixels, (2, 2, 2, 2))
     flips = 0
