@@ -137,22 +137,57 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
+def _looks_like_path(model: str) -> bool:
+    """A MODEL meant as a local path: starts with ``.``, ``~`` or a separator, has a backslash or
+    more than one ``/``, or its first component is an existing directory (``runs/model``)."""
+    if model.startswith((".", "~", "/")) or "\\" in model or model.count("/") > 1:
+        return True
+    return "/" in model and Path(model.split("/", 1)[0]).is_dir()
+
+
 def _check_model_arg(model: str) -> bool:
-    """Validate MODEL; returns True if it is a local directory."""
-    path = Path(model)
+    """Validate MODEL; returns True if it is a local directory. A path that does not exist is a
+    usage error at once; a Hub id is looked up with one request (no retries), so a typo or an
+    unreachable Hub is one line, not a minute of retries."""
+    path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"MODEL {model!r} is a file; give a checkpoint directory or a Hub id")
         if not (path / "config.json").is_file():
             raise UsageError(f"MODEL directory {model!r} has no config.json (not a transformers checkpoint)")
         return True
+    if _looks_like_path(model):
+        raise UsageError(f"MODEL {model!r}: no such directory")
     from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(model)
     except ValueError:
         raise UsageError(f"MODEL {model!r} is neither an existing directory nor a valid Hub model id") from None
+    _check_hub_model(model)
     return False
+
+
+def _check_hub_model(model: str) -> None:
+    """One lookup of a Hub model id that is not a local directory (skipped when it is cached)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(f"MODEL {model!r} is not a local directory, and HF_HUB_OFFLINE is set: it cannot be "
+                           "fetched from the Hub (check the path, or unset HF_HUB_OFFLINE)")
+    try:
+        HfApi().model_info(model, timeout=10)
+    except GatedRepoError:
+        return  # exists; loading says what access it needs
+    except RepositoryNotFoundError:
+        raise UsageError(f"MODEL {model!r} is neither a local directory nor a model on the Hub "
+                         "(a private model needs `hf auth login`)") from None
+    except Exception as err:  # noqa: BLE001 - connection errors of any HTTP stack, reported as one line
+        raise RuntimeError(f"MODEL {model!r} is not a local directory, and the Hub could not be reached to look it "
+                           f"up ({_one_line(err)})") from None
 
 
 def _load_config(model: str):

@@ -170,9 +170,12 @@ def test_bad_model_arguments(tmp_path, capsys):
     tiny_resnet().save_pretrained(resnet)
     cases = [
         (["prune", empty, "--sparsity", "0.5", "--output", out], 2, "has no config.json"),
-        (["prune", tmp_path / "no" / "such" / "dir", "--sparsity", "0.5", "--output", out], 2,
+        (["prune", tmp_path / "no" / "such" / "dir", "--sparsity", "0.5", "--output", out], 2, "no such directory"),
+        (["prune", "./mm", "--sparsity", "0.5", "--output", out], 2, "MODEL './mm': no such directory"),
+        (["report", "~/no-such-model-dir"], 2, "no such directory"),
+        (["prune", "a//b", "--sparsity", "0.5", "--output", out], 2, "no such directory"),
+        (["prune", "bad id!", "--sparsity", "0.5", "--output", out], 2,
          "neither an existing directory nor a valid Hub model id"),
-        (["prune", "no-such-model-offline", "--sparsity", "0.5", "--output", out], 1, "could not load the config"),
         (["prune", resnet, "--sparsity", "0.5", "--mode", "unit", "--shrink", "--output", out], 2,
          "does not support model type 'resnet'"),
         (["report", empty], 2, "has no config.json"),
@@ -185,6 +188,42 @@ def test_bad_model_arguments(tmp_path, capsys):
         assert got == code, (argv, stderr)
         assert len(errors) == 1 and message in errors[0], (argv, stderr)
         assert not out.exists()
+
+
+def test_a_hub_id_that_is_not_a_directory_is_looked_up_once(tmp_path, capsys, monkeypatch):
+    """A mistyped local directory taken for a Hub id: one lookup, one line, no retries."""
+    import time
+
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    out = tmp_path / "out"
+    calls = []
+
+    def unreachable(self, repo_id, **kwargs):
+        calls.append(repo_id)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session may run offline
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    start = time.perf_counter()
+    got, _, stderr = run(["prune", "mm", "--sparsity", "0.5", "--output", out], capsys)
+    assert time.perf_counter() - start < 10 and calls == ["mm"]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert got == 1 and len(errors) == 1 and "not a local directory, and the Hub could not be reached" in errors[0]
+
+    def missing(self, repo_id, **kwargs):
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its HTTP response is beside the point
+        Exception.__init__(error, "404 Repository Not Found")
+        raise error
+
+    monkeypatch.setattr(HfApi, "model_info", missing)
+    got, _, stderr = run(["report", "someone/no-such-model"], capsys)
+    assert got == 2 and "neither a local directory nor a model on the Hub" in stderr
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    got, _, stderr = run(["report", "mm"], capsys)
+    assert got == 1 and "HF_HUB_OFFLINE is set" in stderr
+    assert not out.exists()
 
 
 def test_prune_and_push_with_fake_hub(checkpoint, tmp_path, monkeypatch, capsys):
