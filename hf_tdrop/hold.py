@@ -19,6 +19,14 @@ The hold follows the Parameter objects (``model.to(device)`` keeps them; the mas
 device); a deep copy of the model is not held. Optimizers that keep their own copy of the weights
 (DeepSpeed ZeRO, FSDP's flat parameters) are not covered.
 
+Sharded parameters (``torch.distributed.tensor.DTensor``, as FSDP2's ``fully_shard`` and tensor
+parallelism make them) are refused: the optimizer steps the shards, while the forward sees a gathered
+copy of the weight that the hold does not track, so neither the gradient masking nor targeting among
+the survivors would apply. :func:`hold_pruned` on such a model raises ``ValueError``; a model
+sharded after :func:`hold_pruned` (its held Parameters replaced by DTensors) raises ``RuntimeError``
+at the next optimizer step (and from :meth:`PrunedHold.nonzero_held` / :meth:`PrunedHold.reapply`)
+instead of silently training the pruned entries.
+
 With targeted dropout on the same layers (:func:`hf_tdrop.patch_model`), held entries are never
 targeted and the targeted set is computed among the surviving weights: weight mode targets
 ``floor(γ s_o)`` of the ``s_o`` surviving entries of each w_o, unit mode ``floor(γ s)`` of the ``s``
@@ -30,6 +38,7 @@ units not entirely held, nm mode counts each held entry as one of its group's ``
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,6 +67,8 @@ class _HeldTensor:
     param: "weakref.ref[torch.Tensor]"
     mask: torch.Tensor  # bool, the Parameter's shape
     grad_hook: Any = None  # RemovableHandle of the gradient hook, or None (frozen Parameter)
+    module: Optional["weakref.ref[nn.Module]"] = None  # the layer owning the Parameter ...
+    attr: str = ""  # ... as this attribute ("weight" / "bias")
 
     def mask_on(self, device: torch.device) -> torch.Tensor:
         if self.mask.device != device:
@@ -67,6 +78,32 @@ class _HeldTensor:
 
 def _mask_grad(entry: _HeldTensor, grad: torch.Tensor) -> torch.Tensor:
     return grad.masked_fill(entry.mask_on(grad.device), 0)
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallelism). Free
+    when nothing imported DTensor: then no tensor can be one."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
+
+
+_SHARDED_HINT = (
+    "hold_pruned does not support sharded parameters: the optimizer updates the shards while the forward "
+    "uses a gathered copy of the weight that the hold does not track. Fine-tune with held zeros in one "
+    "process or under DDP (both supported), or without hold_pruned.")
+
+
+def _check_not_sharded(entries: list["_HeldTensor"]) -> None:
+    """Raise ``RuntimeError`` if a held Parameter was replaced by a DTensor after :func:`hold_pruned`
+    (e.g. the model was passed to FSDP2's ``fully_shard``): the hold would silently stop working."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    for entry in entries:
+        module = entry.module() if entry.module is not None else None
+        if module is not None and _is_dtensor(getattr(module, entry.attr, None)):
+            raise RuntimeError(
+                f"hold_pruned: {entry.name} was sharded after the hold was made (it is now a DTensor, e.g. "
+                f"from FSDP2's fully_shard), so its held entries are no longer kept at zero. {_SHARDED_HINT}")
 
 
 def _union_mask(param: torch.Tensor) -> Optional[torch.Tensor]:
@@ -102,6 +139,9 @@ def _zero_held(param: torch.Tensor, mask: torch.Tensor, optimizer: Optional[torc
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    if _LIVE:
+        for hold in list(_LIVE.values()):
+            _check_not_sharded(hold._entries)
     if not HELD_ZEROS:
         return
     with torch.no_grad():
@@ -153,7 +193,12 @@ class PrunedHold:
     def nonzero_held(self) -> int:
         """Held entries that are not zero right now (0 while the hold works; a Parameter written
         from outside, e.g. by ``load_state_dict``, shows here until the next optimizer step or
-        :meth:`reapply`)."""
+        :meth:`reapply`).
+
+        Raises:
+            RuntimeError: a held Parameter was sharded (replaced by a DTensor) after the hold was made.
+        """
+        _check_not_sharded(self._entries)
         total = 0
         for entry in self._entries:
             param = entry.param()
@@ -162,7 +207,12 @@ class PrunedHold:
         return total
 
     def reapply(self) -> None:
-        """Write zeros into the held entries now (optimizer state is zeroed at the next step)."""
+        """Write zeros into the held entries now (optimizer state is zeroed at the next step).
+
+        Raises:
+            RuntimeError: a held Parameter was sharded (replaced by a DTensor) after the hold was made.
+        """
+        _check_not_sharded(self._entries)
         with torch.no_grad():
             for entry in self._entries:
                 param = entry.param()
@@ -253,15 +303,24 @@ def hold_pruned(model: nn.Module, prune_report: Any = None, *, target_modules=No
     Returns:
         A :class:`PrunedHold`; ``handle.remove()`` (or :func:`release_pruned`) releases it.
 
+    Not for sharded models: a model with a ``DTensor`` parameter (FSDP2's ``fully_shard``, tensor
+    parallelism) is refused, and sharding the model after the hold makes the next optimizer
+    step raise ``RuntimeError`` (see the module docstring).
+
     Raises:
         ValueError: ``model`` is not a module, more than one of ``prune_report`` / ``masks`` /
             patterns given, a name that is not a supported layer of ``model``, a bad mask, no layer
-            matched, or a layer on the meta device. Nothing is held or changed then.
+            matched, a layer on the meta device, or a sharded model (a DTensor parameter). Nothing
+            is held or changed then.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    sharded = next((name for name, p in model.named_parameters() if _is_dtensor(p)), None)
+    if sharded is not None:
+        raise ValueError(f"hold_pruned: the model is sharded ({sharded!r} is a DTensor, e.g. from FSDP2's "
+                         f"fully_shard or tensor parallelism). {_SHARDED_HINT}")
     chosen = _layers_to_hold(model, prune_report, target_modules, exclude_modules, masks)
-    plans: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (entry name, param, mask)
+    plans: list[tuple[str, torch.Tensor, torch.Tensor, nn.Module, str]] = []  # (entry name, param, mask, layer, attr)
     layers: dict[str, int] = {}
     with torch.no_grad():
         for name, module, given in chosen:
@@ -271,23 +330,23 @@ def hold_pruned(model: nn.Module, prune_report: Any = None, *, target_modules=No
             prefix = f"{name}." if name else ""
             count = int(mask.sum())
             if count:
-                plans.append((prefix + "weight", weight, mask))
+                plans.append((prefix + "weight", weight, mask, module, "weight"))
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor) and count:
                 dead_units = masking.unit_matrix(mask, weight_layout(module)).all(dim=1)
                 bias_mask = dead_units & (bias == 0) if given is None else dead_units
                 if bias_mask.any():
-                    plans.append((prefix + "bias", bias, bias_mask.clone()))
+                    plans.append((prefix + "bias", bias, bias_mask.clone(), module, "bias"))
                     count += int(bias_mask.sum())
             layers[name] = count
     _ensure_step_hook()
     hold = PrunedHold([], layers)
     with torch.no_grad():
-        for entry_name, param, mask in plans:
+        for entry_name, param, mask, module, attr in plans:
             _zero_held(param, mask)
             if param.grad is not None:
                 param.grad.masked_fill_(mask.to(param.grad.device), 0)
-            entry = _HeldTensor(entry_name, weakref.ref(param), mask)
+            entry = _HeldTensor(entry_name, weakref.ref(param), mask, module=weakref.ref(module), attr=attr)
             if param.requires_grad:
                 entry.grad_hook = param.register_hook(functools.partial(_mask_grad, entry))
             hold._entries.append(entry)
