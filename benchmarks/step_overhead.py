@@ -1,4 +1,4 @@
-"""Step-time and memory overhead of targeted dropout (issue 7).
+"""Step-time and memory overhead of targeted dropout.
 
 Measures forward + backward + optimizer step of a patched model against the same unpatched model
 (dropout off) and against the unpatched model with HF's standard dropout (p=0.1), in one run.

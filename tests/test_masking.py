@@ -155,7 +155,7 @@ def test_mask_properties(n_out, fan_in, gamma, alpha, dtype, n_distinct, seed):
     assert not torch.isnan(masked).any()
 
 
-# --- bracketed selection: the optimised exact selection used while training (issue 7) ---
+# --- bracketed selection: the optimised exact selection used while training ---
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

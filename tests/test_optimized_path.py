@@ -1,4 +1,4 @@
-"""The optimised masking path against straightforward reference implementations (issue 7)."""
+"""The optimised masking path against straightforward reference implementations."""
 
 import math
 
