@@ -1,6 +1,7 @@
 """The optimised masking path against straightforward reference implementations."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -24,10 +25,10 @@ def reference_drop(w2d: torch.Tensor, gamma: float, alpha: float, mode: str) -> 
     """The paper's procedure written plainly: rank by a full stable sort, target, then Bernoulli(α) on a
     full-size draw."""
     if mode == "weight":
-        k = math.floor(gamma * w2d.shape[1] + 1e-9)
+        k = math.floor(Fraction(repr(gamma)) * w2d.shape[1])
         targeted = reference_targeted(w2d.abs(), k)
     else:
-        k = math.floor(gamma * w2d.shape[0] + 1e-9)
+        k = math.floor(Fraction(repr(gamma)) * w2d.shape[0])
         targeted = reference_targeted(w2d.float().norm(dim=1), k)
     if alpha <= 0:
         return torch.zeros_like(targeted)
@@ -260,7 +261,7 @@ def test_bracketed_targeting_equals_full_sort_over_training(layer_type):
         if step == 15:  # weights replaced wholesale: the old bracket is useless, the set still exact
             layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
         targeted = targeted_set(layer)
-        k = math.floor(gamma * 96 + 1e-9)
+        k = math.floor(Fraction(repr(gamma)) * 96)
         assert torch.equal(targeted, reference_targeted(w2d().abs(), k)), step
         assert layer.tdrop_state.threshold_bracket is not None
         layer(torch.randn(8, 96)).square().mean().backward()
