@@ -203,6 +203,15 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _mean_rows(rows: list[dict], group: str, metrics: tuple[str, ...]) -> list[str]:
+    """One Markdown row per value of ``rows[i][group]``: mean ± sd of each metric over its seeds."""
+    lines = []
+    for key in dict.fromkeys(r[group] for r in rows):
+        sel = [r for r in rows if r[group] == key]
+        lines.append(f"| {key} | " + " | ".join(_mean_sd([r[m] for r in sel]) for m in metrics) + " |")
+    return lines
+
+
 def tables_markdown(rows_a: list[dict], rows_b: list[dict], seeds: list[int]) -> str:
     lines = ["## (a) Pruning to N:M after training: test accuracy", "",
              "| run | seed | dense | N:M-pruned | pruned fraction | exact N:M |", "|---|---:|---:|---:|---:|---|"]
@@ -211,9 +220,7 @@ def tables_markdown(rows_a: list[dict], rows_b: list[dict], seeds: list[int]) ->
                      f"{r['pruned_fraction']:.2%} | {'yes' if r['nm_exact'] else 'NO'} |")
     lines += ["", f"Mean ± sample standard deviation over seeds {seeds}:", "",
               "| run | dense | N:M-pruned |", "|---|---:|---:|"]
-    for run in dict.fromkeys(r["run"] for r in rows_a):
-        sel = [r for r in rows_a if r["run"] == run]
-        lines.append(f"| {run} | {_mean_sd([r['dense'] for r in sel])} | {_mean_sd([r['pruned'] for r in sel])} |")
+    lines += _mean_rows(rows_a, "run", ("dense", "pruned"))
     lines += ["", "## (b) Fine-tuning the unregularised model with the pruning held (`hold_pruned`): test accuracy", "",
               "| pruning | seed | dense | pruned | fine-tuned (held) | pruned weights | of them nonzero after fine-tuning "
               "| weight sparsity after | exact N:M |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -223,10 +230,7 @@ def tables_markdown(rows_a: list[dict], rows_b: list[dict], seeds: list[int]) ->
                      f"{r['pruned_weights']} | {r['revived_pruned_weights']} | {r['weight_sparsity']:.2%} | {exact} |")
     lines += ["", f"Mean ± sample standard deviation over seeds {seeds}:", "",
               "| pruning | pruned | fine-tuned (held) |", "|---|---:|---:|"]
-    for pruning in dict.fromkeys(r["pruning"] for r in rows_b):
-        sel = [r for r in rows_b if r["pruning"] == pruning]
-        lines.append(f"| {pruning} | {_mean_sd([r['pruned'] for r in sel])} | "
-                     f"{_mean_sd([r['finetuned'] for r in sel])} |")
+    lines += _mean_rows(rows_b, "pruning", ("pruned", "finetuned"))
     return "\n".join(lines) + "\n"
 
 

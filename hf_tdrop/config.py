@@ -17,14 +17,15 @@ incoming weight vector w_o; ``"unit"`` targets whole output units with the lowes
 TargetSpec = Optional[Union[str, Sequence[str]]]
 
 
-def check_fraction(name: str, value: Any) -> float:
+def check_fraction(name: str, value: Any, meaning: Optional[str] = None) -> float:
     """Return ``value`` as a float if it is a real number in [0, 1], else raise ``ValueError``
-    naming ``name`` and the allowed range. ``bool`` and NaN are rejected."""
+    naming ``name`` (and what it means, if given) and the allowed range. ``bool`` and NaN are rejected."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r} ({type(value).__name__}).")
     value = float(value)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"`{name}`{what} must be in [0, 1], got {value!r}.")
     return value
 
 

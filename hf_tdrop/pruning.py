@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import masking
-from .config import check_mode, check_nm
+from .config import check_fraction, check_mode, check_nm
 from .layers import check_materialized, weight_layout
 from .targets import select_layers
 
@@ -70,12 +70,7 @@ def _check_generator(generator: Any) -> Optional[torch.Generator]:
 def check_group_fraction(value: Any, name: str = "sparsity") -> float:
     """Return ``value`` as a float if it is a real number in [0, 1] (nm mode: the fraction of each
     row's groups pruned to N:M; 1 = all), else raise ``ValueError`` naming ``name`` and the range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` (fraction of groups pruned to N:M in mode 'nm') must be in [0, 1], got {value!r}.")
-    return value
+    return check_fraction(name, value, meaning="fraction of groups pruned to N:M in mode 'nm'")
 
 
 def check_prune_settings(sparsity: Any, mode: Any, n: Any, m: Any) -> tuple[float, Optional[int], Optional[int]]:
