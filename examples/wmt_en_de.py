@@ -42,7 +42,7 @@ from transformers import (
     get_scheduler,
 )
 
-from translation_data import load_translation_splits, train_joint_tokenizer  # the helper module beside this script
+from translation_data import TokenBudgetBatchSampler, load_translation_splits, train_joint_tokenizer  # the helper module beside this script
 
 from hf_tdrop import (
     MODES,
@@ -77,19 +77,36 @@ EXAMPLES = """examples:
   python examples/wmt_en_de.py --combine_runs runs/cpu-none runs/cpu-td --output_dir runs/tables
 """
 
-# Architecture presets (MarianMTModel built from a config: post-norm Transformer, sinusoidal
-# positions, shared source/target/output embeddings). "transformer-base" is Vaswani et al.'s base
-# model used in the paper; "tiny" is sized to train on a couple of CPU cores.
+# Presets: a MarianMTModel architecture (post-norm Transformer, sinusoidal positions, shared
+# source/target/output embeddings) plus the training settings it was sized with. "transformer-base"
+# is Vaswani et al.'s base model used in the paper; "multi30k" is sized so that a run on Multi30K
+# (29,000 pairs) trains in about an hour on two CPU cores; "tiny" is for smoke tests. A flag given
+# on the command line overrides the preset's value.
 MODEL_PRESETS = {
     "transformer-base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
                              decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
                              dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
-                             learning_rate=7e-4, num_warmup_steps=4000),
+                             learning_rate=7e-4, num_warmup_steps=4000, vocab_size=32000,
+                             max_tokens_per_batch=4096, num_train_epochs=1),
+    "multi30k": dict(d_model=192, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=768, decoder_ffn_dim=768,
+                     dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
+                     learning_rate=1e-3, num_warmup_steps=400, vocab_size=5000,
+                     max_tokens_per_batch=2048, num_train_epochs=12),
     "tiny": dict(d_model=128, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512,
                  dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
-                 learning_rate=1e-3, num_warmup_steps=200),
+                 learning_rate=1e-3, num_warmup_steps=200, vocab_size=8000,
+                 max_tokens_per_batch=None, num_train_epochs=1),
 }
+TRAINING_PRESET_KEYS = ("learning_rate", "num_warmup_steps", "vocab_size", "max_tokens_per_batch",
+                        "num_train_epochs")
+"""Preset entries that are training settings (defaults of the flags of the same name), not
+``MarianConfig`` fields."""
+FALLBACK_DEFAULTS = dict(learning_rate=5e-5, num_warmup_steps=0, vocab_size=8000, max_tokens_per_batch=None,
+                         num_train_epochs=1)
+"""Defaults of those flags when fine-tuning a checkpoint (``--model_name_or_path``): no preset applies."""
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TD_MODES = ("none",) + tuple(MODES)
 PROG = "wmt_en_de.py"
 SWEEP_FILE = "sweep-{split}-{mode}"
@@ -148,33 +165,41 @@ def parse_args(argv=None):
     g.add_argument("--model_name_or_path", help="Fine-tune this seq2seq checkpoint (e.g. Helsinki-NLP/opus-mt-en-de, "
                    "t5-small, or a previous --output_dir) instead of building --model_preset from scratch.")
     g.add_argument("--model_preset", choices=sorted(MODEL_PRESETS), default="transformer-base",
-                   help="Architecture of a from-scratch model (transformer-base: 6+6 layers, d_model 512, FFN 2048, "
-                   "8 heads; tiny: 3+3 layers, d_model 128, FFN 512, 4 heads).")
+                   help="Architecture and training settings of a from-scratch model. " + "; ".join(
+                       f"{name}: {describe_preset(name)}" for name in MODEL_PRESETS) + ".")
     g.add_argument("--tokenizer_name", help="Pretrained tokenizer (default: the one of --model_name_or_path, else a "
                    "joint BPE vocabulary trained on the training data with `tokenizers`).")
-    g.add_argument("--vocab_size", type=int, default=8000, help="Size of the trained joint BPE vocabulary.")
+    g.add_argument("--vocab_size", type=int, help="Size of the trained joint BPE vocabulary (default: the preset's).")
     g.add_argument("--dropout", type=float, help="Override the preset's (standard) dropout rate.")
 
     g = p.add_argument_group("training")
     g.add_argument("--do_train", action=argparse.BooleanOptionalAction, default=True, help="Train (else only evaluate).")
-    g.add_argument("--per_device_train_batch_size", type=int, default=64, help="Sentence pairs per device per step.")
+    g.add_argument("--per_device_train_batch_size", type=int, default=64,
+                   help="Sentence pairs per device per step, when batches are not made by --max_tokens_per_batch.")
+    g.add_argument("--max_tokens_per_batch", type=int, help="Batch by length instead: similar-length pairs, at most "
+                   "this many padded tokens (batch size x longest source or target) per device per step "
+                   "(default: the preset's; none when fine-tuning).")
     g.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Sentences per device in evaluation.")
-    g.add_argument("--learning_rate", type=float, help="Peak learning rate (default: the preset's, 5e-5 for fine-tuning).")
+    g.add_argument("--learning_rate", type=float, help="Peak learning rate (default: the preset's; 5e-5 when fine-tuning).")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
     g.add_argument("--adam_beta2", type=float, default=0.98, help="Adam β2 (Vaswani et al.: 0.98).")
     g.add_argument("--label_smoothing", type=float, default=0.1, help="Label smoothing of the cross-entropy.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 = off).")
-    g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (overridden by --max_train_steps).")
+    g.add_argument("--num_train_epochs", type=int,
+                   help="Epochs (default: the preset's; 1 when fine-tuning; overridden by --max_train_steps).")
     g.add_argument("--max_train_steps", type=int, help="Total optimizer updates.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer update.")
     g.add_argument("--lr_scheduler_type", type=SchedulerType, default="inverse_sqrt",
                    choices=[s.value for s in SchedulerType], help="LR schedule (the paper's: inverse_sqrt with warm-up).")
-    g.add_argument("--num_warmup_steps", type=int, help="LR warm-up updates (default: the preset's, 0 for fine-tuning).")
+    g.add_argument("--num_warmup_steps", type=int, help="LR warm-up updates (default: the preset's; 0 when fine-tuning).")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Mixed precision (default: accelerate config).")
     g.add_argument("--seed", type=int, default=42, help="Random seed.")
     g.add_argument("--checkpointing_steps", help="Save the full training state every N updates, or 'epoch'.")
     g.add_argument("--resume_from_checkpoint", help="A state folder written by --checkpointing_steps, or 'latest'.")
     g.add_argument("--logging_steps", type=int, default=50, help="Log loss / lr / α, γ every N updates.")
+    g.add_argument("--epoch_validation", action=argparse.BooleanOptionalAction, default=True,
+                   help="At the end of every epoch, log the validation split's loss and token accuracy "
+                   "(teacher-forced, a few seconds; the history is in train_history.json).")
 
     g = p.add_argument_group("targeted dropout")
     g.add_argument("--td_mode", choices=TD_MODES, default="none", help="Targeted dropout granularity ('none' = off).")
@@ -200,6 +225,9 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="Where the model, tokenizer, sweeps and translations go.")
+    g.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="float32",
+                   help="Dtype of the saved model. With float16/bfloat16 the trained weights are rounded to it "
+                   "before the sweeps, so the sweeps measure exactly the saved model.")
     g.add_argument("--run_name", help="Column label in the sweep tables (default: 'none' or 'targeted α=… γ=…').")
     g.add_argument("--push_to_hub", action="store_true", help="Push the model pruned to --push_sparsity to the Hub.")
     g.add_argument("--hub_model_id", help="Hub repo id for --push_to_hub.")
@@ -208,8 +236,28 @@ def parse_args(argv=None):
     g.add_argument("--combine_runs", nargs="+", help="Only combine the sweeps of these finished --output_dir's into "
                    "paper-shaped tables and plots in --output_dir (no training, no evaluation).")
     args = p.parse_args(argv)
+    apply_preset_defaults(args)
     validate_args(p, args)
     return args
+
+
+def describe_preset(name: str) -> str:
+    """One line for --help: the architecture and training settings of a preset."""
+    c = MODEL_PRESETS[name]
+    batch = (f"batches of {c['max_tokens_per_batch']} tokens" if c["max_tokens_per_batch"]
+             else "batches of --per_device_train_batch_size pairs")
+    return (f"{c['encoder_layers']}+{c['decoder_layers']} layers, d_model {c['d_model']}, FFN {c['encoder_ffn_dim']}, "
+            f"{c['encoder_attention_heads']} heads, dropout {c['dropout']:g}, BPE {c['vocab_size']}, {batch}, "
+            f"LR {c['learning_rate']:g} after {c['num_warmup_steps']} warm-up updates, {c['num_train_epochs']} epoch(s)")
+
+
+def apply_preset_defaults(args) -> None:
+    """Fill the training flags left unset from ``--model_preset`` (from-scratch runs) or from
+    :data:`FALLBACK_DEFAULTS` (fine-tuning ``--model_name_or_path``)."""
+    source = FALLBACK_DEFAULTS if args.model_name_or_path else MODEL_PRESETS[args.model_preset]
+    for key in TRAINING_PRESET_KEYS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, source[key])
 
 
 def validate_args(parser, args):
@@ -224,7 +272,7 @@ def validate_args(parser, args):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     for name in ("max_train_samples", "max_eval_samples", "max_test_samples", "max_train_steps", "td_ramp_steps",
-                 "preprocessing_num_workers"):
+                 "preprocessing_num_workers", "max_tokens_per_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.vocab_size < 16:
@@ -277,8 +325,9 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 def build_model(args, tokenizer):
     """Pretrained seq2seq model, or a MarianMTModel built from ``args.model_preset``."""
     if args.model_name_or_path:
-        return AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path)
-    preset = {k: v for k, v in MODEL_PRESETS[args.model_preset].items() if k not in ("learning_rate", "num_warmup_steps")}
+        # float32 whatever the checkpoint's dtype (a float16 save is trained and evaluated in float32)
+        return AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    preset = {k: v for k, v in MODEL_PRESETS[args.model_preset].items() if k not in TRAINING_PRESET_KEYS}
     if args.dropout is not None:
         preset["dropout"] = args.dropout
     config = MarianConfig(
@@ -353,6 +402,30 @@ def evaluate(model, loader, tokenizer, references, sources, args, accelerator, t
             for s, r, h in zip(sources, references, ordered):
                 f.write(f"{s}\t{r}\t{h}\n")
     return {"bleu": score.score, "token_accuracy": correct / max(total, 1)}, bleu.get_signature()
+
+
+@torch.no_grad()
+def validation_metrics(model, loader, args, accelerator) -> dict:
+    """Teacher-forced loss (label-smoothed, as in training, and plain) and per-token accuracy on one
+    split: a cheap learning curve, logged at the end of every epoch."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    totals = torch.zeros(4, dtype=torch.float64)
+    for batch in loader:
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)).logits.float()
+        flat, target = logits.view(-1, logits.size(-1)), labels.view(-1)
+        mask = labels.ne(-100)
+        smoothed = torch.nn.functional.cross_entropy(flat, target, ignore_index=-100, reduction="none",
+                                                     label_smoothing=args.label_smoothing).view_as(labels)
+        nll = torch.nn.functional.cross_entropy(flat, target, ignore_index=-100, reduction="none").view_as(labels)
+        correct = logits.argmax(-1).eq(labels) & mask
+        per_example = torch.stack([smoothed.sum(1), nll.sum(1), correct.sum(1).float(), mask.sum(1).float()], dim=1)
+        totals += accelerator.gather_for_metrics(per_example).double().sum(0).cpu()  # each example once
+    n = max(float(totals[3]), 1.0)
+    return {"validation_loss": round(float(totals[0]) / n, 4), "validation_nll": round(float(totals[1]) / n, 4),
+            "validation_token_accuracy": round(float(totals[2]) / n, 4)}
 
 
 def run_name_of(args):
@@ -542,16 +615,25 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
     """Step 3: train with the targeting schedule, checkpoint, save the final (unpruned) model.
 
     Returns the model prepared by ``accelerator``."""
-    preset = MODEL_PRESETS[args.model_preset] if not args.model_name_or_path else {}
-    lr = args.learning_rate if args.learning_rate is not None else preset.get("learning_rate", 5e-5)
-    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else preset.get("num_warmup_steps", 0)
+    lr, warmup = args.learning_rate, args.num_warmup_steps  # the preset's unless given (apply_preset_defaults)
     n_params = sum(p.numel() for p in model.parameters())
-    train_set = processed["train"].remove_columns(["idx", "src_len"])
-    # Own generator: starting an epoch's iterator must not draw from the global RNG (which
-    # drives dropout / targeted-dropout masks and is restored exactly by load_state).
-    train_loader = DataLoader(train_set, shuffle=True, collate_fn=collator,
-                              batch_size=args.per_device_train_batch_size,
-                              generator=torch.Generator().manual_seed(args.seed))
+    train_set = processed["train"]
+    # Own generator: starting an epoch's iterator must not draw from the global RNG (which drives
+    # dropout / targeted-dropout masks and is restored exactly by load_state).
+    generator = torch.Generator().manual_seed(args.seed)
+    batch_sampler = None
+    if args.max_tokens_per_batch:
+        lengths = [max(s, len(t)) for s, t in zip(train_set["src_len"], train_set["labels"])]
+        batch_sampler = TokenBudgetBatchSampler(lengths, args.max_tokens_per_batch, seed=args.seed)
+        train_set = train_set.remove_columns(["idx", "src_len"])
+        train_loader = DataLoader(train_set, batch_sampler=batch_sampler, collate_fn=collator, generator=generator)
+    else:
+        train_set = train_set.remove_columns(["idx", "src_len"])
+        train_loader = DataLoader(train_set, shuffle=True, collate_fn=collator,
+                                  batch_size=args.per_device_train_batch_size, generator=generator)
+    valid_loader = None
+    if args.epoch_validation and "validation" in processed:
+        valid_loader = make_eval_dataloader(processed["validation"], collator, args, accelerator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, args.adam_beta2), eps=1e-9,
                                   weight_decay=args.weight_decay)
     # Like run_translation_no_trainer: count updates after sharding across processes.
@@ -580,8 +662,12 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(train_set)}")
     logger.info(f"  Num Epochs = {num_epochs}")
-    logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
+    if batch_sampler is None:
+        logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+        logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
+    else:
+        logger.info(f"  Batches by length: at most {args.max_tokens_per_batch} padded tokens per device, "
+                    f"{len(batch_sampler)} batches per epoch")
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
     logger.info(f"  Targeted dropout: {args.td_mode}" + (
@@ -593,7 +679,7 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
 
     progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process, desc="train")
     progress_bar.update(completed_steps)
-    history = []
+    history, validation_history = [], []
     running, running_n = 0.0, 0
     t_train = time.time()
     for epoch in range(starting_epoch, num_epochs):
@@ -603,6 +689,9 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
         loader = train_loader
         if resume_step is not None and epoch == starting_epoch:
             loader = accelerator.skip_first_batches(train_loader, resume_step)
+        if batch_sampler is not None:  # the epoch's batches are a function of (seed, epoch), also when resumed
+            batch_sampler.set_epoch(epoch)
+            loader.set_epoch(epoch)
         for batch in loader:
             with accelerator.accumulate(model):
                 labels = batch["labels"]
@@ -639,6 +728,12 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
                     accelerator.save_state(str(output_dir / f"step_{completed_steps}"))
             if completed_steps >= max_train_steps:
                 break
+        if valid_loader is not None:
+            entry = {"epoch": epoch, "step": completed_steps, **validation_metrics(model, valid_loader, args, accelerator),
+                     "elapsed_s": round(time.time() - t_train, 1)}
+            validation_history.append(entry)
+            logger.info(json.dumps(entry))
+            model.train()
         if checkpointing_steps == "epoch":
             accelerator.save_state(str(output_dir / f"epoch_{epoch}"))
         if completed_steps >= max_train_steps:
@@ -646,12 +741,22 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
     progress_bar.close()
     train_seconds = time.time() - t_train
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if args.save_dtype != "float32":
+        # round to the saved dtype (and back) so that the sweeps measure exactly the saved model
+        with torch.no_grad():
+            for p in unwrapped.parameters():
+                p.copy_(p.to(SAVE_DTYPES[args.save_dtype]))
     if accelerator.is_main_process:
         with no_transformers_progress_bars():
-            accelerator.unwrap_model(model).save_pretrained(output_dir, save_function=accelerator.save)
+            if args.save_dtype == "float32":
+                unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
+            else:
+                unwrapped.to(SAVE_DTYPES[args.save_dtype]).save_pretrained(output_dir, save_function=accelerator.save)
+                unwrapped.to(torch.float32)
             tokenizer.save_pretrained(output_dir)
         (output_dir / "train_history.json").write_text(json.dumps(
-            {"history": history, "train_seconds": train_seconds, "completed_steps": completed_steps,
+            {"history": history, "epoch_validation": validation_history, "train_seconds": train_seconds, "completed_steps": completed_steps,
              "num_processes": accelerator.num_processes, "parameters": n_params}, indent=2) + "\n")
     logger.info(f"Training done in {train_seconds:.0f}s ({completed_steps} updates); model saved to {output_dir}")
     return model

@@ -13,6 +13,7 @@ from conftest import REPO_ROOT, require_shared_data
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 from translation_data import (  # noqa: E402
+    TokenBudgetBatchSampler,
     language_of_file,
     load_local_split,
     load_translation_splits,
@@ -163,3 +164,48 @@ def test_multi30k_from_shared_data():
     assert (len(ds["validation"]), len(ds["test"])) == (1014, 1000)
     first = ds["validation"][0]["translation"]
     assert first["en"].startswith("A group of men") and first["de"].startswith("Eine Gruppe von Männern")
+
+
+def padded_tokens(batch, lengths):
+    return len(batch) * max(lengths[i] for i in batch)
+
+
+def test_token_budget_batches_cover_every_example_once_within_the_budget():
+    g = __import__("random").Random(0)
+    lengths = [g.randint(1, 40) for _ in range(997)] + [75]  # one example longer than the budget
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=64, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [b for b in batches if padded_tokens(b, lengths) > 64] == [[997]]  # alone in its batch
+    # similar lengths together: padding a few percent (random batches of 2 would pad ~33 %)
+    assert sum(padded_tokens(b, lengths) for b in batches) / sum(lengths) < 1.05
+    # greedy: no batch could have taken the next example of the length order
+    assert min(len(b) for b in batches) >= 1
+
+
+def test_token_budget_order_is_a_function_of_seed_and_epoch():
+    lengths = [1 + (7 * i) % 30 for i in range(500)]
+    a, b = TokenBudgetBatchSampler(lengths, 90, seed=3), TokenBudgetBatchSampler(lengths, 90, seed=3)
+    epoch0 = list(a)
+    a.set_epoch(1)
+    epoch1 = list(a)
+    assert epoch0 == list(b) and epoch1 != epoch0
+    b.set_epoch(1)
+    assert list(b) == epoch1
+    assert len({len(list(TokenBudgetBatchSampler(lengths, 90, seed=s))) for s in range(4)}) == 1  # len() exact
+    assert list(TokenBudgetBatchSampler(lengths, 90, seed=4)) != epoch0
+    fixed = TokenBudgetBatchSampler(lengths, 90, shuffle=False)
+    ordered = [lengths[i] for batch in fixed for i in batch]
+    assert ordered == sorted(lengths) and list(fixed) == list(fixed)
+
+
+@pytest.mark.parametrize("lengths, max_tokens, message", [
+    ([3, 4], 0, "max_tokens must be a positive integer, got 0."),
+    ([3, 4], 2.5, "max_tokens must be a positive integer, got 2.5."),
+    ([], 8, "lengths is empty"),
+    ([3, 0], 8, "every length must be >= 1."),
+])
+def test_token_budget_bad_arguments(lengths, max_tokens, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        TokenBudgetBatchSampler(lengths, max_tokens)

@@ -99,8 +99,9 @@ def test_combine_runs_writes_paper_tables(td_run, tmp_path):
     assert (tmp_path / "plot-validation-weight.png").is_file()
 
 
-def test_resume_continues_the_same_schedule(tmp_path):
-    ramp = ["--td_mode", "weight", "--td_schedule", "linear", "--td_ramp_steps", "4", "--no-do_sweep"]
+@pytest.mark.parametrize("batching", [[], ["--max_tokens_per_batch", "96"]], ids=["sentences", "tokens"])
+def test_resume_continues_the_same_schedule(tmp_path, batching):
+    ramp = ["--td_mode", "weight", "--td_schedule", "linear", "--td_ramp_steps", "4", "--no-do_sweep", *batching]
     full = tmp_path / "full"
     wmt_en_de.main(small_args(full, 4, *ramp))
     part = tmp_path / "part"
@@ -120,6 +121,63 @@ def test_resume_continues_the_same_schedule(tmp_path):
 
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "resumed training diverged from the full run"
+
+
+def test_presets_set_the_training_defaults_and_flags_override_them():
+    base = ["--train_files", "a.en", "a.de", "--output_dir", "o"]
+    args = wmt_en_de.parse_args([*base, "--model_preset", "multi30k"])
+    assert (args.vocab_size, args.max_tokens_per_batch, args.num_train_epochs) == (5000, 2048, 12)
+    assert (args.learning_rate, args.num_warmup_steps) == (1e-3, 400)
+    args = wmt_en_de.parse_args([*base, "--model_preset", "multi30k", "--vocab_size", "4000", "--learning_rate", "5e-4"])
+    assert (args.vocab_size, args.learning_rate, args.max_tokens_per_batch) == (4000, 5e-4, 2048)
+    args = wmt_en_de.parse_args([*base, "--model_preset", "tiny"])
+    assert args.max_tokens_per_batch is None and args.vocab_size == 8000  # sentence batches
+    # fine-tuning a checkpoint: no preset applies
+    args = wmt_en_de.parse_args([*base, "--model_preset", "multi30k", "--model_name_or_path", "runs/none"])
+    assert (args.learning_rate, args.num_warmup_steps, args.max_tokens_per_batch, args.num_train_epochs) == (
+        5e-5, 0, None, 1)
+    model = wmt_en_de.build_model(wmt_en_de.parse_args([*base, "--model_preset", "multi30k"]), _Tok(5000))
+    c = model.config
+    assert (c.d_model, c.encoder_layers, c.decoder_layers, c.encoder_ffn_dim, c.encoder_attention_heads) == (
+        192, 3, 3, 768, 4)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # shared embeddings
+    assert sum(p.numel() for p in model.parameters()) * 2 < 10e6  # float16 checkpoint under 10 MB
+
+
+class _Tok:
+    """The three things build_model reads from a tokenizer."""
+
+    def __init__(self, n):
+        self.n, self.pad_token_id, self.eos_token_id = n, 0, 1
+
+    def __len__(self):
+        return self.n
+
+
+def test_token_batches_float16_save_and_epoch_validation(tmp_path):
+    """Length batching, one validation entry per epoch, a float16 checkpoint whose re-evaluation
+    reproduces the run's own sweep exactly (the sweep measured the rounded weights)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    common = ["--max_source_length", "24", "--max_target_length", "12", "--per_device_eval_batch_size", "8",
+              "--num_beams", "2", "--eval_splits", "validation", "--sweep_sparsities", *LEVELS]
+    wmt_en_de.main([*data_args(120), "--model_preset", "tiny", "--vocab_size", "300", "--max_tokens_per_batch", "160",
+                    "--num_train_epochs", "2", "--save_dtype", "float16", "--td_mode", "weight", "--logging_steps", "1",
+                    *common, "--output_dir", str(out)])
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
+    history = json.loads((out / "train_history.json").read_text())
+    per_epoch = history["epoch_validation"]
+    assert [e["epoch"] for e in per_epoch] == [0, 1]
+    assert per_epoch[1]["step"] == history["completed_steps"] == 2 * per_epoch[0]["step"]
+    assert 120 / 16 < per_epoch[0]["step"] < 120 / 4  # batches of ~10 pairs (160 tokens / <=24 each)
+    assert all(e["validation_nll"] < e["validation_loss"] < 10 and 0 <= e["validation_token_accuracy"] <= 1
+               for e in per_epoch)
+    again = tmp_path / "again"
+    wmt_en_de.main([*data_args(), "--no-do_train", "--model_name_or_path", str(out), *common, "--output_dir", str(again)])
+    first = json.loads((out / "sweeps" / "sweep-validation-weight.json").read_text())["metrics"]
+    second = json.loads((again / "sweeps" / "sweep-validation-weight.json").read_text())["metrics"]
+    assert second == first
 
 
 def run_error(capsys, args):
@@ -166,6 +224,7 @@ def test_mismatched_line_counts_cli(tmp_path, capsys):
     (["--max_train_samples", "0"], "--max_train_samples must be >= 1, got 0."),
     (["--td_schedule", "linear"], "--td_schedule linear needs exactly one of --td_ramp_fraction / --td_ramp_steps."),
     (["--sweep_sparsities", "0.5", "0.5"], "--sweep_sparsities must be distinct"),
+    (["--max_tokens_per_batch", "0"], "--max_tokens_per_batch must be >= 1, got 0."),
 ])
 def test_bad_flags_one_line_exit_2(tmp_path, capsys, bad, message):
     out = tmp_path / "o"
