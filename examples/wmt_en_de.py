@@ -22,7 +22,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal, Optional
 
 import datasets
 import torch
@@ -36,6 +38,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
+    HfArgumentParser,
     MarianConfig,
     MarianMTModel,
     SchedulerType,
@@ -116,7 +119,160 @@ class InputError(Exception):
     """A bad flag or bad data, found before anything is written: reported as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+def describe_preset(name: str) -> str:
+    """One line for --help: the architecture and training settings of a preset."""
+    c = MODEL_PRESETS[name]
+    batch = (f"batches of {c['max_tokens_per_batch']} tokens" if c["max_tokens_per_batch"]
+             else "batches of --per_device_train_batch_size pairs")
+    return (f"{c['encoder_layers']}+{c['decoder_layers']} layers, d_model {c['d_model']}, FFN {c['encoder_ffn_dim']}, "
+            f"{c['encoder_attention_heads']} heads, dropout {c['dropout']:g}, BPE {c['vocab_size']}, {batch}, "
+            f"LR {c['learning_rate']:g} after {c['num_warmup_steps']} warm-up updates, {c['num_train_epochs']} epoch(s)")
+
+
+PresetName = Literal[tuple(MODEL_PRESETS)]
+TDMode = Literal[TD_MODES]
+ScheduleKind = Literal[tuple(SCHEDULE_KINDS)]
+SaveDtype = Literal[tuple(SAVE_DTYPES)]
+PruneMode = Literal[tuple(MODES)]
+
+
+def arg(default=None, help="", **metadata):  # noqa: A002 - argparse's own name
+    """A dataclass field that is a command-line flag (``help`` and argparse extras in its metadata)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and how to cut it."""
+
+    _argument_group_name = "data"
+    dataset_name: Optional[str] = arg("wmt14", "`datasets` hub id (ignored when local files are given).")
+    dataset_config_name: Optional[str] = arg("de-en", "Config of --dataset_name.")
+    train_files: Optional[list[str]] = arg(None, "Local training data: one JSON lines file in the HF translation "
+                                           "schema ({'translation': {'en': ..., 'de': ...}}), or two parallel "
+                                           "plain-text files (optionally .gz; language from the name, e.g. "
+                                           "train.en.gz, else source first).", nargs="+")
+    validation_files: Optional[list[str]] = arg(None, "Local validation data (same formats as --train_files).",
+                                                nargs="+")
+    test_files: Optional[list[str]] = arg(None, "Local test data, e.g. newstest2014.en.gz newstest2014.de.gz.",
+                                          nargs="+")
+    source_lang: str = arg("en", "Source language code.")
+    target_lang: str = arg("de", "Target language code.")
+    source_prefix: str = arg("", "Text prepended to every source (e.g. 'translate English to German: ' for T5).")
+    max_train_samples: Optional[int] = arg(None, "Keep the first N training pairs (debugging / CPU runs).")
+    max_eval_samples: Optional[int] = arg(None, "Evaluate on the first N validation pairs.")
+    max_test_samples: Optional[int] = arg(None, "Evaluate on the first N test pairs.")
+    max_source_length: int = arg(128, "Truncate sources to this many tokens.")
+    max_target_length: int = arg(128, "Truncate training targets to this many tokens; also the generation length limit.")
+    preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenising the data.")
+    cache_dir: Optional[str] = arg(None, "`datasets` cache directory.")
+
+
+@dataclass
+class ModelArguments:
+    """The tokenizer and the model: a preset built from scratch, or a checkpoint to fine-tune."""
+
+    _argument_group_name = "tokenizer and model"
+    model_name_or_path: Optional[str] = arg(None, "Fine-tune this seq2seq checkpoint (e.g. Helsinki-NLP/opus-mt-en-de, "
+                                            "t5-small, or a previous --output_dir) instead of building "
+                                            "--model_preset from scratch.")
+    model_preset: PresetName = arg("transformer-base", "Architecture and training settings of a from-scratch model. "
+                                   + "; ".join(f"{name}: {describe_preset(name)}" for name in MODEL_PRESETS) + ".")
+    tokenizer_name: Optional[str] = arg(None, "Pretrained tokenizer (default: the one of --model_name_or_path, else a "
+                                        "joint BPE vocabulary trained on the training data with `tokenizers`).")
+    vocab_size: Optional[int] = arg(None, "Size of the trained joint BPE vocabulary (default: the preset's).")
+    dropout: Optional[float] = arg(None, "Override the preset's (standard) dropout rate.")
+
+
+@dataclass
+class TrainArguments:
+    """The training loop (🤗 Accelerate; any number of processes)."""
+
+    _argument_group_name = "training"
+    do_train: bool = arg(True, "Train (--no_do_train: only evaluate --model_name_or_path).")
+    per_device_train_batch_size: int = arg(64, "Sentence pairs per device per step, when batches are not made by "
+                                           "--max_tokens_per_batch.")
+    max_tokens_per_batch: Optional[int] = arg(None, "Batch by length instead: similar-length pairs, at most this many "
+                                              "padded tokens (batch size x longest source or target) per device "
+                                              "per step (default: the preset's; none when fine-tuning).")
+    per_device_eval_batch_size: int = arg(64, "Sentences per device in evaluation.")
+    learning_rate: Optional[float] = arg(None, "Peak learning rate (default: the preset's; 5e-5 when fine-tuning).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    adam_beta2: float = arg(0.98, "Adam β2 (Vaswani et al.: 0.98).")
+    label_smoothing: float = arg(0.1, "Label smoothing of the cross-entropy.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping (0 = off).")
+    num_train_epochs: Optional[int] = arg(None, "Epochs (default: the preset's; 1 when fine-tuning; overridden by "
+                                          "--max_train_steps).")
+    max_train_steps: Optional[int] = arg(None, "Total optimizer updates.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer update.")
+    lr_scheduler_type: str = arg("inverse_sqrt", "LR schedule (the paper's: inverse_sqrt with warm-up).",
+                                 choices=[t.value for t in SchedulerType])
+    num_warmup_steps: Optional[int] = arg(None, "LR warm-up updates (default: the preset's; 0 when fine-tuning).")
+    mixed_precision: Optional[str] = arg(None, "Mixed precision (default: accelerate config).",
+                                         choices=["no", "fp16", "bf16"])
+    seed: int = arg(42, "Random seed.")
+    checkpointing_steps: Optional[str] = arg(None, "Save the full training state every N updates, or 'epoch'.")
+    resume_from_checkpoint: Optional[str] = arg(None, "A state folder written by --checkpointing_steps, or 'latest'.")
+    logging_steps: int = arg(50, "Log loss / lr / α, γ every N updates.")
+    epoch_validation: bool = arg(True, "At the end of every epoch, log the validation split's loss and token accuracy "
+                                 "(teacher-forced, a few seconds; the history is in train_history.json).")
+
+
+@dataclass
+class TargetedDropoutArguments:
+    """Targeted dropout during training (``--td_mode none``: off)."""
+
+    _argument_group_name = "targeted dropout"
+    td_mode: TDMode = arg("none", "Targeted dropout granularity ('none' = off).")
+    td_alpha: float = arg(0.66, "Drop probability α of a targeted weight/unit.")
+    td_gamma: float = arg(0.75, "Targeted fraction γ.")
+    td_schedule: ScheduleKind = arg("constant", "How α and γ reach their targets (hf_tdrop.TargetingSchedule kind).")
+    td_ramp_fraction: Optional[float] = arg(None, "Ramp length as a fraction of the training updates.")
+    td_ramp_steps: Optional[int] = arg(None, "Ramp length in updates.")
+    td_delay_steps: int = arg(0, "Updates without targeted dropout before the ramp.")
+    td_target_modules: Optional[list[str]] = arg(None, "Layers to target (names, dotted suffixes or regexes; default "
+                                                 "every Linear except the output head).", nargs="+")
+
+
+@dataclass
+class SweepArguments:
+    """Evaluation (sacreBLEU, token accuracy) at every pruning level."""
+
+    _argument_group_name = "evaluation and pruning sweep"
+    do_sweep: bool = arg(True, "After training, evaluate at every pruning level of --sweep_sparsities "
+                         "(--no_do_sweep: skip).")
+    sweep_modes: list[str] = arg(["weight"], "Pruning modes to sweep.", choices=list(MODES))
+    sweep_sparsities: list[float] = arg([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "Pruning levels.")
+    eval_splits: list[str] = arg(["validation", "test"], "Splits to evaluate.")
+    num_beams: int = arg(4, "Beam size (1 = greedy).")
+    length_penalty: float = arg(0.6, "Beam search length penalty.")
+
+
+@dataclass
+class OutputArguments:
+    """Where results go, and the Hub export."""
+
+    _argument_group_name = "output"
+    output_dir: str = arg(None, "Where the model, tokenizer, sweeps and translations go.", required=True)
+    save_dtype: SaveDtype = arg("float32", "Dtype of the saved model. With float16/bfloat16 the trained weights are "
+                                "rounded to it before the sweeps, so the sweeps measure exactly the saved model.")
+    run_name: Optional[str] = arg(None, "Column label in the sweep tables (default: 'none' or 'targeted α=… γ=…').")
+    push_to_hub: bool = arg(False, "Push the model pruned to --push_sparsity to the Hub.")
+    hub_model_id: Optional[str] = arg(None, "Hub repo id for --push_to_hub.")
+    push_sparsity: float = arg(0.0, "Sparsity of the pushed model.")
+    push_mode: PruneMode = arg("weight", "Pruning mode of the pushed model.")
+    combine_runs: Optional[list[str]] = arg(None, "Only combine the sweeps of these finished --output_dir's into "
+                                            "paper-shaped tables and plots in --output_dir (no training, no "
+                                            "evaluation).", nargs="+")
+
+
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainArguments, TargetedDropoutArguments, SweepArguments,
+                    OutputArguments)
+
+
+class _Parser(HfArgumentParser):
     def error(self, message):
         # one line (no usage block), like every other bad-input error of the script
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -124,10 +280,10 @@ class _Parser(argparse.ArgumentParser):
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the examples' line breaks; shows a flag's default unless it is None (then the help
-    text says what is used instead)."""
+    text says what is used instead) or the flag is a ``--no_*`` switch."""
 
     def _get_help_string(self, action):
-        if action.default is None:
+        if action.default is None or action.option_strings[0].startswith("--no_"):
             return action.help
         return super()._get_help_string(action)
 
@@ -138,117 +294,29 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def parse_args(argv=None):
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+def build_parser() -> _Parser:
+    """The command line: one :class:`~transformers.HfArgumentParser` over :data:`ARGUMENT_CLASSES`."""
+    p = _Parser(ARGUMENT_CLASSES, prog=PROG, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                 formatter_class=_HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default="wmt14", help="`datasets` hub id (ignored when local files are given).")
-    g.add_argument("--dataset_config_name", default="de-en", help="Config of --dataset_name.")
-    g.add_argument("--train_files", nargs="+", help="Local training data: one JSON lines file in the HF translation "
-                   "schema ({'translation': {'en': ..., 'de': ...}}), or two parallel plain-text files "
-                   "(optionally .gz; language from the name, e.g. train.en.gz, else source first).")
-    g.add_argument("--validation_files", nargs="+", help="Local validation data (same formats as --train_files).")
-    g.add_argument("--test_files", nargs="+", help="Local test data, e.g. newstest2014.en.gz newstest2014.de.gz.")
-    g.add_argument("--source_lang", default="en", help="Source language code.")
-    g.add_argument("--target_lang", default="de", help="Target language code.")
-    g.add_argument("--source_prefix", default="", help="Text prepended to every source (e.g. 'translate English to German: ' for T5).")
-    g.add_argument("--max_train_samples", type=int, help="Keep the first N training pairs (debugging / CPU runs).")
-    g.add_argument("--max_eval_samples", type=int, help="Evaluate on the first N validation pairs.")
-    g.add_argument("--max_test_samples", type=int, help="Evaluate on the first N test pairs.")
-    g.add_argument("--max_source_length", type=int, default=128, help="Truncate sources to this many tokens.")
-    g.add_argument("--max_target_length", type=int, default=128,
-                   help="Truncate training targets to this many tokens; also the generation length limit.")
-    g.add_argument("--preprocessing_num_workers", type=int, help="Processes for tokenising the data.")
-    g.add_argument("--cache_dir", help="`datasets` cache directory.")
+    for cls in ARGUMENT_CLASSES:  # also accept --no-do_train, the spelling of argparse's BooleanOptionalAction
+        for f in fields(cls):
+            if f.type in (bool, "bool") and f.default is True:
+                p.add_argument(f"--no-{f.name}", action="store_false", dest=f.name, help=argparse.SUPPRESS)
+    return p
 
-    g = p.add_argument_group("tokenizer and model")
-    g.add_argument("--model_name_or_path", help="Fine-tune this seq2seq checkpoint (e.g. Helsinki-NLP/opus-mt-en-de, "
-                   "t5-small, or a previous --output_dir) instead of building --model_preset from scratch.")
-    g.add_argument("--model_preset", choices=sorted(MODEL_PRESETS), default="transformer-base",
-                   help="Architecture and training settings of a from-scratch model. " + "; ".join(
-                       f"{name}: {describe_preset(name)}" for name in MODEL_PRESETS) + ".")
-    g.add_argument("--tokenizer_name", help="Pretrained tokenizer (default: the one of --model_name_or_path, else a "
-                   "joint BPE vocabulary trained on the training data with `tokenizers`).")
-    g.add_argument("--vocab_size", type=int, help="Size of the trained joint BPE vocabulary (default: the preset's).")
-    g.add_argument("--dropout", type=float, help="Override the preset's (standard) dropout rate.")
 
-    g = p.add_argument_group("training")
-    g.add_argument("--do_train", action=argparse.BooleanOptionalAction, default=True, help="Train (else only evaluate).")
-    g.add_argument("--per_device_train_batch_size", type=int, default=64,
-                   help="Sentence pairs per device per step, when batches are not made by --max_tokens_per_batch.")
-    g.add_argument("--max_tokens_per_batch", type=int, help="Batch by length instead: similar-length pairs, at most "
-                   "this many padded tokens (batch size x longest source or target) per device per step "
-                   "(default: the preset's; none when fine-tuning).")
-    g.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Sentences per device in evaluation.")
-    g.add_argument("--learning_rate", type=float, help="Peak learning rate (default: the preset's; 5e-5 when fine-tuning).")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    g.add_argument("--adam_beta2", type=float, default=0.98, help="Adam β2 (Vaswani et al.: 0.98).")
-    g.add_argument("--label_smoothing", type=float, default=0.1, help="Label smoothing of the cross-entropy.")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 = off).")
-    g.add_argument("--num_train_epochs", type=int,
-                   help="Epochs (default: the preset's; 1 when fine-tuning; overridden by --max_train_steps).")
-    g.add_argument("--max_train_steps", type=int, help="Total optimizer updates.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer update.")
-    g.add_argument("--lr_scheduler_type", type=SchedulerType, default="inverse_sqrt",
-                   choices=[s.value for s in SchedulerType], help="LR schedule (the paper's: inverse_sqrt with warm-up).")
-    g.add_argument("--num_warmup_steps", type=int, help="LR warm-up updates (default: the preset's; 0 when fine-tuning).")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Mixed precision (default: accelerate config).")
-    g.add_argument("--seed", type=int, default=42, help="Random seed.")
-    g.add_argument("--checkpointing_steps", help="Save the full training state every N updates, or 'epoch'.")
-    g.add_argument("--resume_from_checkpoint", help="A state folder written by --checkpointing_steps, or 'latest'.")
-    g.add_argument("--logging_steps", type=int, default=50, help="Log loss / lr / α, γ every N updates.")
-    g.add_argument("--epoch_validation", action=argparse.BooleanOptionalAction, default=True,
-                   help="At the end of every epoch, log the validation split's loss and token accuracy "
-                   "(teacher-forced, a few seconds; the history is in train_history.json).")
-
-    g = p.add_argument_group("targeted dropout")
-    g.add_argument("--td_mode", choices=TD_MODES, default="none", help="Targeted dropout granularity ('none' = off).")
-    g.add_argument("--td_alpha", type=float, default=0.66, help="Drop probability α of a targeted weight/unit.")
-    g.add_argument("--td_gamma", type=float, default=0.75, help="Targeted fraction γ.")
-    g.add_argument("--td_schedule", choices=list(SCHEDULE_KINDS), default="constant",
-                   help="How α and γ reach their targets (hf_tdrop.TargetingSchedule kind).")
-    g.add_argument("--td_ramp_fraction", type=float, help="Ramp length as a fraction of the training updates.")
-    g.add_argument("--td_ramp_steps", type=int, help="Ramp length in updates.")
-    g.add_argument("--td_delay_steps", type=int, default=0, help="Updates without targeted dropout before the ramp.")
-    g.add_argument("--td_target_modules", nargs="+", help="Layers to target (names, dotted suffixes or regexes; "
-                   "default every Linear except the output head).")
-
-    g = p.add_argument_group("evaluation and pruning sweep")
-    g.add_argument("--do_sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help="After training, evaluate at every pruning level of --sweep_sparsities.")
-    g.add_argument("--sweep_modes", nargs="+", choices=list(MODES), default=["weight"], help="Pruning modes to sweep.")
-    g.add_argument("--sweep_sparsities", nargs="+", type=float,
-                   default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], help="Pruning levels.")
-    g.add_argument("--eval_splits", nargs="+", default=["validation", "test"], help="Splits to evaluate.")
-    g.add_argument("--num_beams", type=int, default=4, help="Beam size (1 = greedy).")
-    g.add_argument("--length_penalty", type=float, default=0.6, help="Beam search length penalty.")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", required=True, help="Where the model, tokenizer, sweeps and translations go.")
-    g.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="float32",
-                   help="Dtype of the saved model. With float16/bfloat16 the trained weights are rounded to it "
-                   "before the sweeps, so the sweeps measure exactly the saved model.")
-    g.add_argument("--run_name", help="Column label in the sweep tables (default: 'none' or 'targeted α=… γ=…').")
-    g.add_argument("--push_to_hub", action="store_true", help="Push the model pruned to --push_sparsity to the Hub.")
-    g.add_argument("--hub_model_id", help="Hub repo id for --push_to_hub.")
-    g.add_argument("--push_sparsity", type=float, default=0.0, help="Sparsity of the pushed model.")
-    g.add_argument("--push_mode", choices=list(MODES), default="weight", help="Pruning mode of the pushed model.")
-    g.add_argument("--combine_runs", nargs="+", help="Only combine the sweeps of these finished --output_dir's into "
-                   "paper-shaped tables and plots in --output_dir (no training, no evaluation).")
-    args = p.parse_args(argv)
+def parse_args(argv=None):
+    """Parse the flags into the argument dataclasses and return them merged in one namespace, the
+    preset's training defaults filled in and every flag checked (one line and exit 2 otherwise)."""
+    p = build_parser()
+    *parts, unknown = p.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                    look_for_args_file=False)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = argparse.Namespace(**{k: v for part in parts for k, v in vars(part).items()})
     apply_preset_defaults(args)
     validate_args(p, args)
     return args
-
-
-def describe_preset(name: str) -> str:
-    """One line for --help: the architecture and training settings of a preset."""
-    c = MODEL_PRESETS[name]
-    batch = (f"batches of {c['max_tokens_per_batch']} tokens" if c["max_tokens_per_batch"]
-             else "batches of --per_device_train_batch_size pairs")
-    return (f"{c['encoder_layers']}+{c['decoder_layers']} layers, d_model {c['d_model']}, FFN {c['encoder_ffn_dim']}, "
-            f"{c['encoder_attention_heads']} heads, dropout {c['dropout']:g}, BPE {c['vocab_size']}, {batch}, "
-            f"LR {c['learning_rate']:g} after {c['num_warmup_steps']} warm-up updates, {c['num_train_epochs']} epoch(s)")
 
 
 def apply_preset_defaults(args) -> None:
