@@ -42,9 +42,9 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ import transformers
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
+    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -122,12 +123,210 @@ FALLBACK_DEFAULTS = dict(
 # Arguments
 # --------------------------------------------------------------------------------------------------
 
+PROG = "image_classification.py"
+PresetName = Literal[tuple(sorted(PRESETS))]
+DatasetKind = Literal["digits", "cifar10", "imagefolder", "files"]
+Augmentation = Literal["auto", "none", "crop_flip"]
+ModelKind = Literal["resnet32", "mlp"]
+Shortcut = Literal["projection", "zero_pad"]
+TDropMode = Literal["weight", "unit", "none"]
+ScheduleKind = Literal["constant", "linear", "cosine", "piecewise"]
+SaveStrategy = Literal["no", "steps", "epoch"]
+PruneMode = Literal["weight", "unit"]
+
+
+def arg(default=None, help="", **metadata):  # noqa: A002 - argparse's own name
+    """A dataclass field that is a command-line flag (``help`` and argparse extras in its metadata)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def tristate(help: str):  # noqa: A002 - argparse's own name
+    """An ``Optional[bool]`` flag left at None unless given (None = the preset decides): ``--flag``,
+    ``--flag true|false`` and ``--no_flag`` / ``--no-flag``."""
+    return arg(None, help, nargs="?", const=True)
+
+
+@dataclass
+class PresetArguments:
+    """The preset: defaults for every flag it names (an explicit flag wins)."""
+
+    preset: PresetName = arg("cpu-small", "Defaults for data/model/optimisation: 'cpu-small' (digits + MLP, minutes on "
+                             "CPU), 'cifar10-cpu' (ResNet-20, 12 epochs, about 45 minutes a run on 2 CPU cores), "
+                             "'cifar10-gpu' (ResNet-20, 30 epochs, data on the GPU, bf16), 'paper' (ResNet-32, "
+                             "256 epochs, the reference code's ResNet recipe). Explicit flags override the preset; "
+                             "each flag's help lists what every preset sets.")
+
+
+@dataclass
+class DataArguments:
+    """Which images to train and test on, and how to prepare them."""
+
+    _argument_group_name = "data"
+    dataset: Optional[DatasetKind] = arg(None, "'digits': scikit-learn's 8x8 digits (offline, fixed stratified 75/25 "
+                                         "train/test split, seed 0). 'cifar10': the hub's uoft-cs/cifar10 (or "
+                                         "--train_file/--test_file in its schema) with pad-4 random crop + horizontal "
+                                         "flip. 'imagefolder': the datasets imagefolder builder on --data_dir. "
+                                         "'files': --train_file/--test_file without augmentation. Default: the "
+                                         "preset's ('digits' for cpu-small), or 'files' when --train_file is given.")
+    dataset_name: str = arg(CIFAR10_HUB_ID, "Hub dataset id used by --dataset cifar10.")
+    train_file: Optional[str] = arg(None, "Local parquet/arrow/json(l)/csv file with the training split (columns "
+                                    "--image_column, --label_column). Replaces the hub download; the preprocessing "
+                                    "is the same.")
+    test_file: Optional[str] = arg(None, "Local file with the test split (same format as --train_file).")
+    data_dir: Optional[str] = arg(None, "Image folder for --dataset imagefolder (DIR/train/<class>/*.png and "
+                                  "DIR/test/<class>/*.png; without test/ a stratified 20%% of train is held out).")
+    image_column: Optional[str] = arg(None, "Image column (default: the first of img, image, pixel_values).")
+    label_column: str = arg("label", "Integer/ClassLabel label column.")
+    image_size: Optional[int] = arg(None, "Resize every image to this square size (default: keep; all images must "
+                                    "then share a size).")
+    grayscale: bool = arg(False, "Convert every image to one gray channel.")
+    augmentation: Augmentation = arg("auto", "Training augmentation: 'crop_flip' pads 4 px, random-crops back and "
+                                     "flips horizontally; 'auto' = crop_flip for cifar10, none otherwise.")
+    validation_fraction: float = arg(0.0, "Fraction of the training split held out (stratified, seeded) as a "
+                                     "validation split, evaluated every epoch. Use it (never the test split) to "
+                                     "tune α/γ/lr.")
+    max_train_samples: Optional[int] = arg(None, "Keep only the first N training rows.")
+    max_eval_samples: Optional[int] = arg(None, "Keep only the first N test rows for the pruning sweep (CIFAR rows "
+                                          "are pre-shuffled).")
+
+
+@dataclass
+class ModelArguments:
+    """The network: a built-in architecture or any HF image-classification checkpoint."""
+
+    _argument_group_name = "model"
+    model: Optional[ModelKind] = arg(None, "'resnet32': CIFAR ResNet-32 "
+                                     "(hf_tdrop.models.CifarResNetForImageClassification); 'mlp': "
+                                     "hf_tdrop.models.MLPForImageClassification. Ignored with --model_name_or_path.")
+    model_name_or_path: Optional[str] = arg(None, "Any HF image-classification checkpoint or config (local dir or hub "
+                                            "id); its weights are loaded, or with --from_config only its config.")
+    from_config: bool = arg(False, "With --model_name_or_path: random init from its config.")
+    mlp_hidden_sizes: Optional[str] = arg(None, "Comma-separated hidden widths of --model mlp.")
+    resnet_blocks_per_stage: Optional[int] = arg(None, "Blocks per stage (5 = ResNet-32, 3 = ResNet-20; default: the "
+                                                 "preset's, else 5).")
+    channels_last: Optional[bool] = tristate("Train and evaluate in channels-last memory format (faster convolutions "
+                                             "on CPU and GPU).")
+    bf16: Optional[bool] = tristate("bf16 autocast for training (TrainingArguments.bf16; meant for GPUs).")
+    data_on_device: Optional[bool] = tristate("Keep the decoded images on the training device and augment them there "
+                                              "(no host-to-device copies; meant for GPUs).")
+    resnet_shortcut: Shortcut = arg("projection", "ResNet shortcut where the shape changes: 1x1 conv + BN, or "
+                                    "zero-padded identity.")
+
+
+@dataclass
+class TargetedDropoutArguments:
+    """The compared runs and their targeted dropout."""
+
+    _argument_group_name = "targeted dropout"
+    runs: Optional[str] = arg(None, "Comma-separated runs compared in one invocation, each 'none' or "
+                              "'MODE:ALPHA:GAMMA' (MODE weight|unit), optionally 'LABEL=...'. Example: "
+                              f"'{DEFAULT_RUNS}'. Ignored when --tdrop_mode is given.")
+    tdrop_mode: Optional[TDropMode] = arg(None, "Single run with this targeting ('none' = no targeted dropout) and "
+                                          "--alpha/--gamma.")
+    alpha: float = arg(0.75, "Drop probability α of a targeted weight/unit (single run).")
+    gamma: float = arg(0.9, "Targeted fraction γ (single run).")
+    schedule: Optional[ScheduleKind] = arg(None, "α/γ schedule of hf_tdrop.TargetingSchedule; non-constant kinds ramp "
+                                           "from 0 over --ramp_fraction of training.")
+    ramp_fraction: Optional[float] = arg(None, "Fraction of the training steps over which a non-constant schedule "
+                                         "ramps (default 0.5; 'piecewise' reaches its targets at twice this "
+                                         "fraction).")
+    include_stem: bool = arg(False, "Also target and prune the network's first convolution (the stem over the input "
+                             "channels). By default it is left dense, as in the reference implementation, for "
+                             "training and pruning alike.")
+    bn_recalibration_batches: int = arg(50, "Models with BatchNorm: re-estimate the running statistics on this many "
+                                        "training batches at the end of targeted-dropout training (the saved "
+                                        "checkpoint then has statistics of the network as evaluated) and at every "
+                                        "pruning level of the sweeps, next to the paper's protocol without "
+                                        "re-estimation. 0 = off.")
+
+
+@dataclass
+class TrainArguments:
+    """What reaches ``transformers.TrainingArguments`` (one ``Trainer`` per run)."""
+
+    _argument_group_name = "training (transformers.TrainingArguments)"
+    output_dir: str = arg(DEFAULT_OUTPUT_DIR, "Where runs, checkpoints and tables go.")
+    overwrite_output_dir: bool = arg(False, "Allow writing into a non-empty --output_dir.")
+    resume_from_checkpoint: Optional[str] = arg(None, "'true': resume each run from its last checkpoint in "
+                                                "--output_dir/<run>; a path: resume the (single) run from that "
+                                                "checkpoint.")
+    num_train_epochs: Optional[float] = arg(None, "Training epochs (per run).")
+    max_steps: int = arg(-1, "If > 0, total optimisation steps (overrides epochs).")
+    per_device_train_batch_size: Optional[int] = arg(None, "Batch size per process.")
+    per_device_eval_batch_size: Optional[int] = arg(None, "Evaluation batch size.")
+    learning_rate: Optional[float] = arg(None, "Peak learning rate.")
+    lr_scheduler_type: Optional[str] = arg(None, "transformers scheduler: cosine, linear, constant, ...")
+    warmup_steps: Optional[float] = arg(None, "Warm-up steps (int) or ratio of total steps (<1).")
+    optim: Optional[str] = arg(None, "transformers optimizer name (sgd, adamw_torch, ...).")
+    momentum: Optional[float] = arg(None, "SGD momentum (with --optim sgd).")
+    nesterov: Optional[bool] = tristate("Nesterov momentum (with --optim sgd).")
+    label_smoothing_factor: Optional[float] = arg(None, "Label smoothing of the training loss.")
+    max_grad_norm: Optional[float] = arg(None, "Gradient-norm clipping (0 = off).")
+    weight_decay: Optional[float] = arg(None, "Weight decay.")
+    seed: int = arg(42, "Seed of model init, data order, masks (same for every run).")
+    logging_steps: int = arg(50, "Log every N steps.")
+    save_strategy: SaveStrategy = arg("epoch", "Checkpointing.")
+    save_steps: int = arg(500, "With --save_strategy steps.")
+    save_total_limit: int = arg(1, "Checkpoints kept per run.")
+    dataloader_num_workers: int = arg(0, "DataLoader workers.")
+    disable_tqdm: bool = arg(False, "Hide progress bars.")
+
+
+@dataclass
+class SweepArguments:
+    """Training or loading every run, the pruning sweep, and the pruned export."""
+
+    _argument_group_name = "pruning sweep and export"
+    do_train: bool = arg(True, "Train every run. --no-do_train evaluates trained models instead: the single run's "
+                         "--model_name_or_path, or each run's directory <run> in --trained_models_dir.")
+    trained_models_dir: Optional[str] = arg(None, "With --no-do_train: where each run's trained model is, as "
+                                            "<dir>/<run> (default: --output_dir).")
+    do_sweep: bool = arg(True, "Sweep pruning levels after training (--no-do_sweep: train and save only).")
+    sparsities: str = arg("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "Comma-separated pruning levels in [0, 1).")
+    prune_modes: str = arg("weight,unit", "Comma-separated pruning modes swept for every run.")
+    export_sparsity: Optional[float] = arg(None, "Also save every run pruned at this level with hf_tdrop.save_pruned "
+                                           "into <run>/pruned.")
+    export_mode: PruneMode = arg("weight", "Pruning mode of the export.")
+    push_to_hub: bool = arg(False, "Push the pruned export (--export_sparsity, default 0.5) of the last run with "
+                            "hf_tdrop.push_pruned_to_hub to --hub_model_id.")
+    hub_model_id: Optional[str] = arg(None, "Repository id for --push_to_hub.")
+
+
+ARGUMENT_CLASSES = (PresetArguments, DataArguments, ModelArguments, TargetedDropoutArguments, TrainArguments,
+                    SweepArguments)
+
+
+class _Parser(HfArgumentParser):
+    """Bad flags end in one line naming the flag and what is allowed (exit status 2), not the full usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    @staticmethod
+    def _parse_dataclass_field(parser, dc_field):
+        # HfArgumentParser gives a bool flag `--x [bool]` and, when it defaults to True, `--no_x` /
+        # `--no-x` (hyphens for underscores). Also: that off switch for the tri-state flags (default None)
+        # and, hidden, the `--no-x_y` spelling of argparse's BooleanOptionalAction these flags had before.
+        HfArgumentParser._parse_dataclass_field(parser, dc_field)
+        name, default = dc_field.name, dc_field.default
+        if dc_field.type not in (bool, Optional[bool]):
+            return
+        if default is None:
+            parser.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", action="store_false", dest=name,
+                                default=None, help=dc_field.metadata.get("help"))
+        if default is not False and "_" in name:
+            parser.add_argument(f"--no-{name}", action="store_false", dest=name, default=default,
+                                help=argparse.SUPPRESS)
+
 
 class PresetDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows, for flags that presets fill in, the value each preset gives instead of "(default: None)"."""
+    """Shows, for flags that presets fill in, the value each preset gives instead of "(default: None)";
+    no default for the ``--no_*`` switches."""
 
     def _get_help_string(self, action):
         dest = action.dest
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            return action.help
         if action.default is None and (dest in FALLBACK_DEFAULTS or any(dest in p for p in PRESETS.values())):
             values = {name: preset.get(dest, FALLBACK_DEFAULTS.get(dest)) for name, preset in PRESETS.items()}
             shown = "; ".join(f"{name}: {value}" for name, value in values.items())
@@ -135,156 +334,28 @@ class PresetDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad flags end in one line naming the flag and what is allowed (exit status 2), not the full usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(
+def build_parser() -> _Parser:
+    """The command line: one :class:`~transformers.HfArgumentParser` over :data:`ARGUMENT_CLASSES`."""
+    return _Parser(
+        ARGUMENT_CLASSES, prog=PROG,
         description=__doc__.split("\n\n")[0] + " Every flag has a default; with no flag at all the "
         "'cpu-small' preset runs (digits, offline, minutes on 2 CPU cores).",
         formatter_class=PresetDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
-                   help="Defaults for data/model/optimisation: 'cpu-small' (digits + MLP, minutes on CPU), "
-                        "'cifar10-cpu' (ResNet-20, 12 epochs, about 45 minutes a run on 2 CPU cores), "
-                        "'cifar10-gpu' (ResNet-20, 30 epochs, data on the GPU, bf16), 'paper' (ResNet-32, "
-                        "256 epochs, the reference code's ResNet recipe). Explicit flags override the preset; "
-                        "each flag's help lists what every preset sets.")
-
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=["digits", "cifar10", "imagefolder", "files"], default=None,
-                   help="'digits': scikit-learn's 8x8 digits (offline, fixed stratified 75/25 train/test split, "
-                        "seed 0). 'cifar10': the hub's uoft-cs/cifar10 (or --train_file/--test_file in its schema) "
-                        "with pad-4 random crop + horizontal flip. 'imagefolder': the datasets imagefolder builder "
-                        "on --data_dir. 'files': --train_file/--test_file without augmentation. "
-                        "Default: the preset's ('digits' for cpu-small), or 'files' when --train_file is given.")
-    d.add_argument("--dataset_name", default=CIFAR10_HUB_ID, help="Hub dataset id used by --dataset cifar10.")
-    d.add_argument("--train_file", default=None,
-                   help="Local parquet/arrow/json(l)/csv file with the training split (columns --image_column, "
-                        "--label_column). Replaces the hub download; the preprocessing is the same.")
-    d.add_argument("--test_file", default=None, help="Local file with the test split (same format as --train_file).")
-    d.add_argument("--data_dir", default=None, help="Image folder for --dataset imagefolder "
-                   "(DIR/train/<class>/*.png and DIR/test/<class>/*.png; without test/ a stratified 20%% of train is held out).")
-    d.add_argument("--image_column", default=None, help="Image column (default: the first of img, image, pixel_values).")
-    d.add_argument("--label_column", default="label", help="Integer/ClassLabel label column.")
-    d.add_argument("--image_size", type=int, default=None,
-                   help="Resize every image to this square size (default: keep; all images must then share a size).")
-    d.add_argument("--grayscale", action="store_true", help="Convert every image to one gray channel.")
-    d.add_argument("--augmentation", choices=["auto", "none", "crop_flip"], default="auto",
-                   help="Training augmentation: 'crop_flip' pads 4 px, random-crops back and flips horizontally; "
-                        "'auto' = crop_flip for cifar10, none otherwise.")
-    d.add_argument("--validation_fraction", type=float, default=0.0,
-                   help="Fraction of the training split held out (stratified, seeded) as a validation split, "
-                        "evaluated every epoch. Use it (never the test split) to tune α/γ/lr.")
-    d.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training rows.")
-    d.add_argument("--max_eval_samples", type=int, default=None,
-                   help="Keep only the first N test rows for the pruning sweep (CIFAR rows are pre-shuffled).")
-
-    m = p.add_argument_group("model")
-    m.add_argument("--model", choices=["resnet32", "mlp"], default=None,
-                   help="'resnet32': CIFAR ResNet-32 (hf_tdrop.models.CifarResNetForImageClassification); "
-                        "'mlp': hf_tdrop.models.MLPForImageClassification. Ignored with --model_name_or_path.")
-    m.add_argument("--model_name_or_path", default=None,
-                   help="Any HF image-classification checkpoint or config (local dir or hub id); its weights are "
-                        "loaded, or with --from_config only its config.")
-    m.add_argument("--from_config", action="store_true", help="With --model_name_or_path: random init from its config.")
-    m.add_argument("--mlp_hidden_sizes", default=None, help="Comma-separated hidden widths of --model mlp.")
-    m.add_argument("--resnet_blocks_per_stage", type=int, default=None,
-                   help="Blocks per stage (5 = ResNet-32, 3 = ResNet-20; default: the preset's, else 5).")
-    m.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="Train and evaluate in channels-last memory format (faster convolutions on CPU and GPU).")
-    m.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for training (TrainingArguments.bf16; meant for GPUs).")
-    m.add_argument("--data_on_device", action=argparse.BooleanOptionalAction, default=None,
-                   help="Keep the decoded images on the training device and augment them there "
-                        "(no host-to-device copies; meant for GPUs).")
-    m.add_argument("--resnet_shortcut", choices=["projection", "zero_pad"], default="projection",
-                   help="ResNet shortcut where the shape changes: 1x1 conv + BN, or zero-padded identity.")
-
-    t = p.add_argument_group("targeted dropout")
-    t.add_argument("--runs", default=None,
-                   help="Comma-separated runs compared in one invocation, each 'none' or 'MODE:ALPHA:GAMMA' "
-                        "(MODE weight|unit), optionally 'LABEL=...'. Example: "
-                        f"'{DEFAULT_RUNS}'. Ignored when --tdrop_mode is given.")
-    t.add_argument("--tdrop_mode", choices=["weight", "unit", "none"], default=None,
-                   help="Single run with this targeting ('none' = no targeted dropout) and --alpha/--gamma.")
-    t.add_argument("--alpha", type=float, default=0.75, help="Drop probability α of a targeted weight/unit (single run).")
-    t.add_argument("--gamma", type=float, default=0.9, help="Targeted fraction γ (single run).")
-    t.add_argument("--schedule", choices=["constant", "linear", "cosine", "piecewise"], default=None,
-                   help="α/γ schedule of hf_tdrop.TargetingSchedule; non-constant kinds ramp from 0 over "
-                        "--ramp_fraction of training.")
-    t.add_argument("--ramp_fraction", type=float, default=None,
-                   help="Fraction of the training steps over which a non-constant schedule ramps (default 0.5; "
-                        "'piecewise' reaches its targets at twice this fraction).")
-    t.add_argument("--include_stem", action="store_true",
-                   help="Also target and prune the network's first convolution (the stem over the input "
-                        "channels). By default it is left dense, as in the reference implementation, for "
-                        "training and pruning alike.")
-    t.add_argument("--bn_recalibration_batches", type=int, default=50,
-                   help="Models with BatchNorm: re-estimate the running statistics on this many training batches "
-                        "at the end of targeted-dropout training (the saved checkpoint then has statistics of the "
-                        "network as evaluated) and at every pruning level of the sweeps, next to the paper's "
-                        "protocol without re-estimation. 0 = off.")
-
-    o = p.add_argument_group("training (transformers.TrainingArguments)")
-    o.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where runs, checkpoints and tables go.")
-    o.add_argument("--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty --output_dir.")
-    o.add_argument("--resume_from_checkpoint", default=None,
-                   help="'true': resume each run from its last checkpoint in --output_dir/<run>; a path: resume the "
-                        "(single) run from that checkpoint.")
-    o.add_argument("--num_train_epochs", type=float, default=None, help="Training epochs (per run).")
-    o.add_argument("--max_steps", type=int, default=-1, help="If > 0, total optimisation steps (overrides epochs).")
-    o.add_argument("--per_device_train_batch_size", type=int, default=None, help="Batch size per process.")
-    o.add_argument("--per_device_eval_batch_size", type=int, default=None, help="Evaluation batch size.")
-    o.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate.")
-    o.add_argument("--lr_scheduler_type", default=None, help="transformers scheduler: cosine, linear, constant, ...")
-    o.add_argument("--warmup_steps", type=float, default=None, help="Warm-up steps (int) or ratio of total steps (<1).")
-    o.add_argument("--optim", default=None, help="transformers optimizer name (sgd, adamw_torch, ...).")
-    o.add_argument("--momentum", type=float, default=None, help="SGD momentum (with --optim sgd).")
-    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
-                   help="Nesterov momentum (with --optim sgd).")
-    o.add_argument("--label_smoothing_factor", type=float, default=None, help="Label smoothing of the training loss.")
-    o.add_argument("--max_grad_norm", type=float, default=None, help="Gradient-norm clipping (0 = off).")
-    o.add_argument("--weight_decay", type=float, default=None, help="Weight decay.")
-    o.add_argument("--seed", type=int, default=42, help="Seed of model init, data order, masks (same for every run).")
-    o.add_argument("--logging_steps", type=int, default=50, help="Log every N steps.")
-    o.add_argument("--save_strategy", choices=["no", "steps", "epoch"], default="epoch", help="Checkpointing.")
-    o.add_argument("--save_steps", type=int, default=500, help="With --save_strategy steps.")
-    o.add_argument("--save_total_limit", type=int, default=1, help="Checkpoints kept per run.")
-    o.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers.")
-    o.add_argument("--disable_tqdm", action="store_true", help="Hide progress bars.")
-
-    s = p.add_argument_group("pruning sweep and export")
-    s.add_argument("--do_train", action=argparse.BooleanOptionalAction, default=True,
-                   help="Train every run. --no-do_train evaluates trained models instead: the single run's "
-                        "--model_name_or_path, or each run's directory <run> in --trained_models_dir.")
-    s.add_argument("--trained_models_dir", default=None,
-                   help="With --no-do_train: where each run's trained model is, as <dir>/<run> "
-                        "(default: --output_dir).")
-    s.add_argument("--do_sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help="Sweep pruning levels after training (--no-do_sweep: train and save only).")
-    s.add_argument("--sparsities", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-                   help="Comma-separated pruning levels in [0, 1).")
-    s.add_argument("--prune_modes", default="weight,unit", help="Comma-separated pruning modes swept for every run.")
-    s.add_argument("--export_sparsity", type=float, default=None,
-                   help="Also save every run pruned at this level with hf_tdrop.save_pruned into <run>/pruned.")
-    s.add_argument("--export_mode", choices=["weight", "unit"], default="weight", help="Pruning mode of the export.")
-    s.add_argument("--push_to_hub", action="store_true",
-                   help="Push the pruned export (--export_sparsity, default 0.5) of the last run with "
-                        "hf_tdrop.push_pruned_to_hub to --hub_model_id.")
-    s.add_argument("--hub_model_id", default=None, help="Repository id for --push_to_hub.")
-    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the flags into the argument dataclasses and return them merged in one namespace: the
+    preset's values as defaults (a pre-pass reads ``--preset``), then :data:`FALLBACK_DEFAULTS` for
+    what is still unset, every flag checked (one line and exit 2 otherwise)."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**{k: v for k, v in PRESETS[pre.preset].items()})
-    args = parser.parse_args(argv)
+    parser.set_defaults(**PRESETS[pre.preset])
+    *parts, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                         look_for_args_file=False)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = argparse.Namespace(**{k: v for part in parts for k, v in vars(part).items()})
     for key, value in FALLBACK_DEFAULTS.items():
         if getattr(args, key) is None and value is not None:
             setattr(args, key, value)

@@ -421,4 +421,36 @@ def test_help_shows_the_presets_real_defaults(capsys, monkeypatch):
         ic.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "cifar10-cpu: 12.0" in text and "cpu-small: 30.0" in text  # --num_train_epochs
-    assert "(default: None)" not in text.split("--learning_rate")[1].split("--lr_scheduler_type")[0]
+    flags = text.split(" options: ")[1]  # the flags' help, after the usage block
+    assert "(default: None)" not in flags.split("--learning_rate")[1].split("--lr_scheduler_type")[0]
+    # with a preset chosen, --help still lists what every preset sets, that one included
+    with pytest.raises(SystemExit) as info:
+        ic.parse_args(["--preset", "cifar10-cpu", "--help"])
+    assert info.value.code == 0
+    usage, flags = " ".join(capsys.readouterr().out.split()).split(" options: ")
+    channels_last = flags.split("--channels_last")[1].split("--no_channels_last")[0]
+    assert "cifar10-cpu: True" in channels_last and "cpu-small: False" in channels_last
+    assert "cifar10-cpu: piecewise" in flags.split("--schedule")[1].split("--ramp_fraction RAMP_FRACTION")[0]
+    assert "[--no_do_train]" in usage and "[--no_nesterov]" in usage and "--no-do_train" not in usage  # hidden alias
+
+
+def test_boolean_flags_take_every_spelling_and_tri_state_ones_leave_it_to_the_preset():
+    raw, _ = ic.build_parser().parse_known_args([])
+    assert (raw.channels_last, raw.bf16, raw.data_on_device, raw.nesterov) == (None, None, None, None)
+    assert (raw.do_train, raw.do_sweep, raw.grayscale) == (True, True, False)
+    # tri-state: unset = the preset's value; every spelling overrides it
+    assert ic.parse_args(["--preset", "cifar10-cpu"]).channels_last is True
+    assert ic.parse_args([]).channels_last is False
+    for off in (["--no-channels_last"], ["--no_channels_last"], ["--no-channels-last"], ["--channels_last", "false"]):
+        assert ic.parse_args(["--preset", "cifar10-cpu", *off]).channels_last is False, off
+    for on in (["--channels_last"], ["--channels_last", "true"], ["--channels-last"], ["--channels_last=yes"]):
+        assert ic.parse_args(on).channels_last is True, on
+    gpu_off = ic.parse_args(["--preset", "cifar10-gpu", "--no-bf16", "--no_data_on_device", "--nesterov", "false"])
+    assert (gpu_off.bf16, gpu_off.data_on_device, gpu_off.nesterov) == (False, False, False)
+    # on by default: --no-do_train (argparse's spelling), --no_do_train / --no-do-train, --do_train false
+    for off in (["--no-do_train"], ["--no_do_train"], ["--no-do-train"], ["--do_train", "false"]):
+        assert ic.parse_args(["--runs", "none", *off]).do_train is False, off
+    for off in (["--no-do_sweep"], ["--no_do_sweep"], ["--do_sweep", "0"]):
+        assert ic.parse_args(off).do_sweep is False, off
+    # off by default: the bare flag or a value
+    assert ic.parse_args(["--grayscale"]).grayscale and not ic.parse_args(["--grayscale", "false"]).grayscale
