@@ -62,22 +62,30 @@ from hf_tdrop.schedules import SCHEDULE_KINDS  # noqa: E402
 logger = get_logger(__name__)
 
 EXAMPLES = """examples:
-  # CPU, offline, local parallel text (plain, gzipped or JSON lines; e.g. Multi30K's train.en.gz /
-  # train.de.gz / test_2016_flickr.en.gz ...): a 2.2 M-parameter model, ≈45 min of training on one core
-  OMP_NUM_THREADS=1 python examples/wmt_en_de.py --model_preset tiny --vocab_size 6000 \\
-      --train_files data/train.en.gz data/train.de.gz \\
-      --test_files data/test_2016_flickr.en.gz data/test_2016_flickr.de.gz --max_test_samples 500 \\
-      --max_train_steps 600 --num_beams 1 --max_target_length 64 \\
-      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --output_dir runs/cpu-td
+  # CPU, offline, local parallel text (plain, gzipped or JSON lines), e.g. Multi30K's train.en.gz /
+  # train.de.gz / val.* / test_2016_flickr.*: the multi30k preset, about 45 minutes on 2 cores
+  python examples/wmt_en_de.py --model_preset multi30k \\
+      --train_files data/train.en.gz data/train.de.gz --validation_files data/val.en.gz data/val.de.gz \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.25 \\
+      --save_dtype float16 --checkpointing_steps epoch --no_do_sweep --output_dir runs/m30k-td
+
+  # sweep it: BLEU (beam 4) and token accuracy at 0-90 % weight and unit pruning on a test set
+  python examples/wmt_en_de.py --no_do_train --model_name_or_path runs/m30k-td \\
+      --test_files data/test_2016_flickr.en.gz data/test_2016_flickr.de.gz --eval_splits test \\
+      --sweep_modes weight unit --output_dir runs/m30k-td-test2016
+
+  # targeted dropout as a fine-tuning step of any trained seq2seq checkpoint
+  python examples/wmt_en_de.py --model_name_or_path runs/m30k-none --train_files ... --validation_files ... \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.25 \\
+      --max_train_steps 605 --max_tokens_per_batch 2048 --learning_rate 3e-4 --lr_scheduler_type constant \\
+      --output_dir runs/m30k-none-td-finetuned
 
   # the paper's setting, on the hub's WMT14 (needs network), any number of GPUs:
-  accelerate launch examples/wmt_en_de.py --model_preset transformer-base --vocab_size 32000 \\
+  accelerate launch examples/wmt_en_de.py --model_preset transformer-base \\
       --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --output_dir runs/wmt14-td
 
-  # re-evaluate a trained model, then put several finished runs side by side:
-  python examples/wmt_en_de.py --no-do_train --model_name_or_path runs/cpu-td \\
-      --test_files data/newstest2014.en data/newstest2014.de --output_dir runs/cpu-td-eval
-  python examples/wmt_en_de.py --combine_runs runs/cpu-none runs/cpu-td --output_dir runs/tables
+  # put several finished sweeps side by side (paper-shaped tables and plots):
+  python examples/wmt_en_de.py --combine_runs runs/m30k-none-test2016 runs/m30k-td-test2016 --output_dir runs/tables
 """
 
 # Presets: a MarianMTModel architecture (post-norm Transformer, sinusoidal positions, shared
