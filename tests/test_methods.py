@@ -245,8 +245,8 @@ def test_l0_init_eval_gate_and_training_forward():
     model = patch_model(mlp(), config=L0Config(dataset_size=N))
     log_alpha = model[0].l0_log_alpha
     assert log_alpha.shape == model[0].weight.shape
-    assert float(log_alpha.mean()) == pytest.approx(math.log(0.999 / 0.001), abs=0.01)
-    assert 0.005 < float(log_alpha.std()) < 0.015
+    assert float(log_alpha.detach().mean()) == pytest.approx(math.log(0.999 / 0.001), abs=0.01)
+    assert 0.005 < float(log_alpha.detach().std()) < 0.015
     with torch.no_grad():
         log_alpha.copy_(torch.linspace(-6, 6, log_alpha.numel()).view_as(log_alpha))
     expected = (torch.sigmoid(log_alpha) * 1.2 - 0.1).clamp(0, 1)
@@ -280,7 +280,7 @@ def test_vd_loss_log_alpha_clip_and_warmup():
                for m in (model[0], model[2])) * 0.5 / N
     torch.testing.assert_close(regularization_loss(model, step=4), full * 0.4)
     torch.testing.assert_close(regularization_loss(model, step=25), full)
-    assert float(regularization_loss(model, step=0)) == 0.0
+    assert float(regularization_loss(model, step=0).detach()) == 0.0
     with pytest.raises(ValueError, match="pass `step`"):
         regularization_loss(model)
 
@@ -482,3 +482,15 @@ def test_prune_sweep_with_a_learned_criterion():
     assert sweep.metrics["metric"][0] == 0.0 and sweep.metrics["metric"][1] > 0
     with torch.no_grad():
         torch.testing.assert_close(model(x), full)  # restored
+
+
+def test_cli_learned_criterion_on_a_plain_checkpoint_is_a_one_line_usage_error(tmp_path, capsys):
+    from conftest import tiny_bert
+    from hf_tdrop.cli import main
+
+    tiny_bert().save_pretrained(tmp_path / "ckpt")
+    code = main(["prune", str(tmp_path / "ckpt"), "--sparsity", "0.5", "--method", "gates",
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "`method`='gates' needs learned l0 scores" in err
+    assert not (tmp_path / "out").exists()
