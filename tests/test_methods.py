@@ -494,3 +494,16 @@ def test_cli_learned_criterion_on_a_plain_checkpoint_is_a_one_line_usage_error(t
     err = capsys.readouterr().err
     assert code != 0 and "`method`='gates' needs learned l0 scores" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_save_pruned_refuses_a_model_with_extra_tensors_until_finalised(tmp_path):
+    from conftest import tiny_bert
+    from hf_tdrop import save_pruned
+
+    model = patch_model(tiny_bert(), config=L0Config(dataset_size=N))
+    with pytest.raises(ValueError, match=r"call hf_tdrop.finalize_model\(model\) first"):
+        save_pruned(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    finalize_model(model)
+    save_pruned(model, tmp_path / "b")
+    assert (tmp_path / "b" / "config.json").exists()
