@@ -4,9 +4,26 @@ from .batchnorm import BatchNormRecalibration, has_batchnorm, recalibrate_batchn
 from .config import MODES, TargetedDropoutConfig
 from .hold import PrunedHold, held_entries, hold_pruned, release_pruned
 from .hub import push_pruned_to_hub, save_pruned
+from .methods import (
+    DropoutConfig,
+    L0Config,
+    L1Config,
+    LearnedCriterion,
+    MethodConfig,
+    RandomTargetConfig,
+    SmallifyConfig,
+    VariationalDropoutConfig,
+    available_methods,
+    config_from_dict,
+    finalize_model,
+    learned_criteria,
+    method_config,
+    method_parameters,
+    regularization_loss,
+)
 from .nm import NMSparsityReport, check_nm_sparsity, to_semi_structured
 from .patching import get_targeting, is_patched, patch_model, set_targeting, targeted_layers, unpatch_model
-from .pruning import METHODS, PruneReport, prune_model, pruned
+from .pruning import METHODS, PruneReport, allowed_methods, prune_model, pruned
 from .reports import (
     MetricEvaluator,
     SparsityReport,
@@ -26,23 +43,31 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # TargetedDropoutCallback imports transformers.Trainer (slow); load it only when asked for.
-    if name == "TargetedDropoutCallback":
-        from .callback import TargetedDropoutCallback
+    if name in ("TargetedDropoutCallback", "RegularizationCallback"):
+        from . import callback
 
-        return TargetedDropoutCallback
+        return getattr(callback, name)
     raise AttributeError(f"module 'hf_tdrop' has no attribute {name!r}")
 
 
 __all__ = [
     "BatchNormRecalibration",
+    "DropoutConfig",
+    "L0Config",
+    "L1Config",
+    "LearnedCriterion",
     "METHODS",
     "MODES",
+    "MethodConfig",
     "MetricEvaluator",
     "NMSparsityReport",
     "PruneReport",
     "PrunedHold",
+    "RandomTargetConfig",
+    "RegularizationCallback",
     "SCHEDULE_KINDS",
     "ShrinkReport",
+    "SmallifyConfig",
     "SparsityReport",
     "SweepResult",
     "SweepTable",
@@ -50,13 +75,21 @@ __all__ = [
     "TargetedDropoutConfig",
     "TargetingSchedule",
     "TargetingScheduler",
+    "VariationalDropoutConfig",
+    "allowed_methods",
+    "available_methods",
     "check_nm_sparsity",
     "combine_sweeps",
+    "config_from_dict",
+    "finalize_model",
     "get_targeting",
     "has_batchnorm",
     "held_entries",
     "hold_pruned",
     "is_patched",
+    "learned_criteria",
+    "method_config",
+    "method_parameters",
     "metric_evaluator",
     "patch_model",
     "plot_sweeps",
@@ -65,6 +98,7 @@ __all__ = [
     "pruned",
     "push_pruned_to_hub",
     "recalibrate_batchnorm",
+    "regularization_loss",
     "release_pruned",
     "save_pruned",
     "set_targeting",

@@ -155,3 +155,70 @@ class TargetedDropoutCallback(TrainerCallback):
             used = recalibrate_batchnorm(self._model, train_dataloader, self.bn_recalibration_batches)
             logger.info("TargetedDropoutCallback: BatchNorm statistics re-estimated on %d training batches "
                         "with nothing dropped.", used)
+
+
+REGULARIZATION_LOG_KEY = "regularization_loss"
+"""Key under which :class:`RegularizationCallback` adds the last regularisation term to the training logs."""
+
+
+class RegularizationCallback(TrainerCallback):
+    """Add :func:`hf_tdrop.regularization_loss` (L1, expected L0, variational KL, Smallify switch L1)
+    to ``Trainer`` training, with no Trainer subclass.
+
+    At every optimizer update (``on_pre_optimizer_step``, after the Trainer's backward passes of all
+    its gradient-accumulation micro-batches) it computes ``regularization_loss(model,
+    step=state.global_step)`` and back-propagates it once, so its gradient enters the update exactly
+    once, whatever the gradient accumulation and loss normalisation. With a fp16 ``GradScaler`` the
+    gradients are unscaled first. Differences from adding the term to the loss: the Trainer's
+    gradient clipping (``max_grad_norm``) has already run and does not see this gradient, and the
+    logged ``loss`` is the task loss; the term itself is logged as ``regularization_loss``.
+    The method's extra parameters are trained by the Trainer's optimizer (patch the model before
+    ``Trainer.train()`` creates it) and checkpointed with the model.
+
+    Example::
+
+        patch_model(model, config=L0Config(dataset_size=len(train_ds)))
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+                          callbacks=[RegularizationCallback()])
+        trainer.train()
+        finalize_model(model)
+    """
+
+    def __init__(self, log_values: bool = True):
+        if not isinstance(log_values, bool):
+            raise ValueError(f"`log_values` must be True or False, got {log_values!r}.")
+        self.log_values = log_values
+        self._last: Optional[float] = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .methods.base import method_layers
+
+        if model is None or not method_layers(_unwrap(model)):
+            raise ValueError("RegularizationCallback: the model has no layer patched with a training method; "
+                             "call hf_tdrop.patch_model(model, config=...) before Trainer.train().")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import torch
+
+        from .methods.base import regularization_loss
+
+        with torch.enable_grad():
+            loss = regularization_loss(_unwrap(model), step=state.global_step)
+        self._last = float(loss.detach())
+        if not loss.requires_grad:
+            return
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer under fp16
+        if scaler is not None and scaler.is_enabled():
+            try:
+                scaler.unscale_(optimizer.optimizer)
+            except RuntimeError:  # already unscaled this step (by gradient clipping)
+                pass
+        loss.backward()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.log_values or logs is None or "loss" not in logs or self._last is None:
+            return
+        logs[REGULARIZATION_LOG_KEY] = self._last
+        if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                and "loss" in state.log_history[-1]:
+            state.log_history[-1][REGULARIZATION_LOG_KEY] = self._last

@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="nm mode: nonzeros kept per group (default 2)")
     prune.add_argument("--m", type=_positive_int, default=None,
                        help="nm mode: group size, consecutive inputs of each w_o (default 4)")
-    prune.add_argument("--method", choices=("magnitude", "random"), default="magnitude",
-                       help="smallest |w| / ||w_o||_2 first (the paper's criterion), or random (default: magnitude)")
+    prune.add_argument("--method", choices=("magnitude", "random", "gates", "log_alpha"), default="magnitude",
+                       help="smallest |w| / ||w_o||_2 first (the paper's criterion), random, or a learned criterion "
+                            "(gates: L0 log alpha; log_alpha: variational dropout), which needs a model that "
+                            "carries it (default: magnitude)")
     prune.add_argument("--target-modules", nargs="+", metavar="PATTERN", default=None,
                        help="layers to prune: full names, dotted suffixes (e.g. 'intermediate.dense') or regexes "
                             "(default: every Linear/Conv1D/Conv layer except output heads and tied layers)")

@@ -345,6 +345,14 @@ def save_pruned(
     if shrink_report is not None and not isinstance(shrink_report, ShrinkReport):
         raise ValueError(f"`shrink_report` must be None or a ShrinkReport (from shrink_model), got {type(shrink_report).__name__}.")
     pruning = _pruning_info(prune_report, sparsity, mode, method, n, m)
+    from .methods.base import method_layers
+
+    with_extra = [(name, layer.tdrop_method.method) for name, layer in method_layers(model)
+                  if layer.tdrop_method.handler.extra_tensors]
+    if with_extra:
+        raise ValueError(f"save_pruned: layer {with_extra[0][0]!r} still carries the extra tensors of its training "
+                         f"method ({with_extra[0][1]}); call hf_tdrop.finalize_model(model) first, so "
+                         "the checkpoint is plain and computes what the trained model computes.")
     config = _check_training_config(model, training_config)
     if schedule is not None and callable(getattr(schedule, "to_dict", None)):
         schedule = schedule.to_dict()  # e.g. a TargetingSchedule

@@ -32,6 +32,9 @@ from transformers.pytorch_utils import Conv1D
 from . import masking
 
 STATE_ATTR = "tdrop_state"
+METHOD_ATTR = "tdrop_method"
+"""Attribute of a layer patched by another training method (:mod:`hf_tdrop.methods`): its
+``MethodState``, which has the same ``layout`` / ``original_class`` / ``name`` fields."""
 
 
 @dataclass
@@ -373,12 +376,23 @@ def weight_layout(module: nn.Module) -> Optional[str]:
     """Layout of a supported (patched or not) layer's weight, or None for any other module."""
     if isinstance(module, PATCHED_CLASSES):
         return getattr(module, STATE_ATTR).layout
+    method_state = module.__dict__.get(METHOD_ATTR)
+    if method_state is not None:
+        return method_state.layout
     entry = SUPPORTED_LAYERS.get(type(module))
     return entry[1] if entry else None
 
 
 def is_patched_layer(module: nn.Module) -> bool:
-    return isinstance(module, PATCHED_CLASSES) and hasattr(module, STATE_ATTR)
+    """True for a layer patched with targeted dropout or with another training method."""
+    return (isinstance(module, PATCHED_CLASSES) and hasattr(module, STATE_ATTR)) or METHOD_ATTR in module.__dict__
+
+
+def patch_state(module: nn.Module):
+    """The per-layer state of a patched layer: its ``TargetingState`` (targeted dropout) or its
+    ``MethodState`` (other methods); both have ``layout``, ``original_class`` and ``name``."""
+    state = module.__dict__.get(METHOD_ATTR)
+    return state if state is not None else getattr(module, STATE_ATTR)
 
 
 def patch_layer(module: nn.Module, state: TargetingState) -> None:

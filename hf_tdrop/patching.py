@@ -12,7 +12,7 @@ from typing import Optional
 from torch import nn
 
 from .config import TargetedDropoutConfig, check_fraction
-from .layers import STATE_ATTR, TargetingState, is_patched_layer, patch_layer, unpatch_layer
+from .layers import METHOD_ATTR, STATE_ATTR, TargetingState, is_patched_layer, patch_layer, patch_state, unpatch_layer
 from .targets import select_layers
 
 CONFIG_ATTR = "tdrop_config"
@@ -29,13 +29,17 @@ def patch_model(
     m: Optional[int] = None,
     target_modules=None,
     exclude_modules=None,
-    config: Optional[TargetedDropoutConfig] = None,
+    config=None,
 ) -> nn.Module:
-    """Inject targeted dropout into ``model``'s layers, in place; returns ``model``.
+    """Inject targeted dropout (or another training method) into ``model``'s layers, in place;
+    returns ``model``.
 
     Either pass ``alpha`` and ``gamma`` (and optionally ``mode``, ``n``/``m`` for ``mode="nm"``
     (default 2:4), ``target_modules``, ``exclude_modules``), or a ready ``config`` alone. See
-    :class:`TargetedDropoutConfig` for what each setting means. Every argument is validated and the layers
+    :class:`TargetedDropoutConfig` for what each setting means. ``config`` may also be the config of
+    another registered method (:class:`hf_tdrop.L0Config`, :class:`hf_tdrop.VariationalDropoutConfig`,
+    :class:`hf_tdrop.SmallifyConfig`, :class:`hf_tdrop.L1Config`, :class:`hf_tdrop.DropoutConfig`,
+    :class:`hf_tdrop.RandomTargetConfig`; see the methods guide). Every argument is validated and the layers
     are selected before anything changes: on any error the model is left exactly as it was.
 
     Raises:
@@ -46,14 +50,19 @@ def patch_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if config is not None:
-        if not isinstance(config, TargetedDropoutConfig):
-            raise ValueError(f"`config` must be a TargetedDropoutConfig, got {type(config).__name__}.")
+        from .methods.base import MethodConfig, available_methods, patch_with_method
+
+        if not isinstance(config, (TargetedDropoutConfig, MethodConfig)):
+            raise ValueError(f"`config` must be a TargetedDropoutConfig or the config of a registered method "
+                             f"({available_methods()}), got {type(config).__name__}.")
         given = {k: v for k, v in dict(alpha=alpha, gamma=gamma, n=n, m=m, target_modules=target_modules,
                                        exclude_modules=exclude_modules).items() if v is not None}
         if given or mode != "weight":
             raise ValueError(
                 f"Pass either `config` or keyword settings, not both (got config and {sorted(given) or ['mode']})."
             )
+        if isinstance(config, MethodConfig):
+            return patch_with_method(model, config)
     else:
         if alpha is None or gamma is None:
             missing = [n for n, v in (("alpha", alpha), ("gamma", gamma)) if v is None]
@@ -90,14 +99,21 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Restore every patched layer's original class; the model then computes bit for bit what it
-    computed before patching (its parameters were never replaced). Returns ``model``.
-    Raises ``ValueError`` if nothing is patched."""
+    """Restore every patched layer's original class. For targeted dropout the model then computes
+    bit for bit what it computed before patching (its parameters were never replaced). Layers of a
+    method with extra tensors (gates, log σ², switches) are finalised first, as by
+    :func:`hf_tdrop.finalize_model`: their eval-time effect is folded into the weights and the extra
+    tensors are removed. Returns ``model``. Raises ``ValueError`` if nothing is patched."""
     patched = _patched(model)
     if not patched:
         raise ValueError("unpatch_model: the model has no patched layer.")
     for _, module in patched:
-        unpatch_layer(module)
+        if METHOD_ATTR in module.__dict__:
+            from .methods.base import finalize_layer
+
+            finalize_layer(module)
+        else:
+            unpatch_layer(module)
     if CONFIG_ATTR in model.__dict__:
         delattr(model, CONFIG_ATTR)
     return model
@@ -105,11 +121,20 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 def targeted_layers(model: nn.Module) -> dict[str, dict]:
     """Every patched layer: ``{name: {"type", "mode", "alpha", "gamma"}}`` (plus ``"n"``, ``"m"`` in
-    nm mode) in model order (``type`` is the original class name, e.g. ``"Linear"``, ``"Conv1D"``)."""
+    nm mode) in model order (``type`` is the original class name, e.g. ``"Linear"``, ``"Conv1D"``).
+    A layer patched with another method gives ``{"type", "method", **its settings}``."""
     return {
-        name: {"type": getattr(m, STATE_ATTR).original_class.__name__, **getattr(m, STATE_ATTR).as_dict()}
+        name: {"type": patch_state(m).original_class.__name__, **patch_state(m).as_dict()}
         for name, m in _patched(model)
     }
+
+
+def _targeting_settings(module: nn.Module):
+    """The object holding a patched layer's α and γ (targeted dropout's state, or the config of a
+    method with α/γ such as the random-target control), or None."""
+    state = patch_state(module)
+    holder = state.config if METHOD_ATTR in module.__dict__ else state
+    return holder if hasattr(holder, "alpha") and hasattr(holder, "gamma") else None
 
 
 def _require_patched(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
@@ -128,8 +153,9 @@ def set_targeting(model: nn.Module, alpha: Optional[float] = None, gamma: Option
         raise ValueError("set_targeting needs `alpha` and/or `gamma`.")
     alpha = None if alpha is None else check_fraction("alpha", alpha)
     gamma = None if gamma is None else check_fraction("gamma", gamma)
+    _check_targeting_layers(patched, "set_targeting")
     for _, module in patched:
-        state: TargetingState = getattr(module, STATE_ATTR)
+        state = _targeting_settings(module)
         if alpha is not None:
             state.alpha = alpha
         if gamma is not None:
@@ -143,7 +169,7 @@ def get_targeting(model: nn.Module, per_layer: bool = False) -> dict:
     ``per_layer=True``, returns :func:`targeted_layers` instead. Raises ``ValueError`` if nothing is
     patched, or if the layers disagree and ``per_layer`` is False (the message says which differ).
     """
-    _require_patched(model, "get_targeting")
+    _check_targeting_layers(_require_patched(model, "get_targeting"), "get_targeting")
     layers = targeted_layers(model)
     if per_layer:
         return layers
@@ -155,3 +181,11 @@ def get_targeting(model: nn.Module, per_layer: bool = False) -> dict:
         )
     alpha, gamma, mode = distinct.pop()
     return {"alpha": alpha, "gamma": gamma, "mode": mode}
+
+
+def _check_targeting_layers(patched: list[tuple[str, nn.Module]], caller: str) -> None:
+    without = [(name, patch_state(m).method) for name, m in patched if _targeting_settings(m) is None]
+    if without:
+        name, method = without[0]
+        raise ValueError(f"{caller}: layer {name or '<model itself>'!r} is patched with method {method!r}, "
+                         "which has no α/γ (only targeted dropout and the random-target control have).")

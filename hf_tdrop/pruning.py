@@ -39,8 +39,17 @@ from .layers import check_materialized, weight_layout
 from .targets import select_layers
 
 METHODS = ("magnitude", "random")
-"""Pruning criteria: ``"magnitude"`` (the paper's: smallest ``|w|`` / ``||w_o||_2`` first) or
-``"random"`` (same counts, chosen uniformly at random)."""
+"""Pruning criteria every model has: ``"magnitude"`` (the paper's: smallest ``|w|`` / ``||w_o||_2``
+first) or ``"random"`` (same counts, chosen uniformly at random). Models trained with a method
+that learns a pruning order also accept its criterion (see :func:`allowed_methods`)."""
+
+
+def allowed_methods() -> list[str]:
+    """:data:`METHODS` plus the learned criteria of the registered training methods
+    (``"gates"``: L0 ``log α``, lowest first; ``"log_alpha"``: variational dropout, highest first)."""
+    from .methods.base import learned_criteria
+
+    return [*METHODS, *learned_criteria()]
 
 
 def check_sparsity(value: Any, name: str = "sparsity") -> float:
@@ -55,9 +64,10 @@ def check_sparsity(value: Any, name: str = "sparsity") -> float:
 
 
 def check_method(method: Any) -> str:
-    """Return ``method`` if it is one of :data:`METHODS`, else raise ``ValueError`` listing them."""
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
+    """Return ``method`` if it is one of :func:`allowed_methods`, else raise ``ValueError`` listing them."""
+    allowed = allowed_methods()
+    if method not in allowed:
+        raise ValueError(f"`method` must be one of {allowed}, got {method!r}.")
     return method
 
 
@@ -207,20 +217,31 @@ class _LayerPlan:
 
 
 def _layer_type_name(module: nn.Module) -> str:
-    state = getattr(module, "tdrop_state", None)
+    state = getattr(module, "tdrop_state", None) or module.__dict__.get("tdrop_method")
     original = getattr(state, "original_class", None)
     return (original or type(module)).__name__
 
 
 def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method: str,
-                generator: Optional[torch.Generator], n: Optional[int] = None, m: Optional[int] = None) -> _LayerPlan:
+                generator: Optional[torch.Generator], n: Optional[int] = None, m: Optional[int] = None,
+                learned: Optional[torch.Tensor] = None) -> _LayerPlan:
     layout = weight_layout(module)
     weight = module.weight
     w2d = masking.unit_matrix(weight.detach(), layout)
     n_out, fan_in = w2d.shape
     bias = getattr(module, "bias", None)
     bias_mask = None
-    if mode == "weight":
+    if learned is not None:  # a learned criterion: its scores, lowest pruned first
+        if mode == "weight":
+            mask2d = masking.lowest_k(learned, masking.fraction_count(sparsity, fan_in))
+            units = 0
+        else:
+            unit_mask = masking.lowest_k(learned, masking.fraction_count(sparsity, n_out))
+            mask2d = unit_mask.unsqueeze(1).expand(n_out, fan_in)
+            units = int(unit_mask.sum())
+            if bias is not None:
+                bias_mask = unit_mask
+    elif mode == "weight":
         if method == "magnitude":
             mask2d = masking.weight_prune_mask(w2d, sparsity)
         else:
@@ -261,7 +282,16 @@ def _plan(model: nn.Module, sparsity: Any, mode: Any, method: Any, target_module
     selected = select_layers(model, target_modules, exclude_modules)
     for name, module in selected:
         check_materialized(module, name, "pruning")
-    return sparsity, n, m, [_plan_layer(name, mod, sparsity, mode, method, generator, n, m) for name, mod in selected]
+    learned = {}
+    if method not in METHODS:
+        from .methods.base import require_learned_scores
+
+        if mode == "nm":
+            raise ValueError(f"`method`={method!r} (a learned criterion) prunes in mode 'weight' or 'unit', not 'nm'.")
+        learned = {name: c.scores.to(module.weight.device) for (name, module), c in
+                   zip(selected, require_learned_scores(selected, method, mode).values())}
+    return sparsity, n, m, [_plan_layer(name, mod, sparsity, mode, method, generator, n, m, learned.get(name))
+                            for name, mod in selected]
 
 
 def prune_model(
@@ -289,7 +319,10 @@ def prune_model(
             w_o keeps its ``n`` largest ``|w|``; a last group of ``r < m`` entries keeps ``min(r, n)``).
         method: ``"magnitude"`` (smallest ``|w|`` per w_o or per group, or smallest ``||w_o||_2``;
             ties broken by position, lowest index first) or ``"random"`` (the same counts,
-            uniformly at random).
+            uniformly at random), or a learned criterion of a model trained with such a method
+            (patched, or finalised by :func:`hf_tdrop.finalize_model`): ``"gates"`` (L0 ``log α``,
+            lowest first) or ``"log_alpha"`` (variational dropout, highest ``log α`` first); the
+            same counts, in the mode the criterion was learned in (weight or unit).
         n, m: the N:M pattern of nm mode, ``1 <= n < m`` (default 2:4); only with ``mode="nm"``.
         target_modules, exclude_modules: which layers, with the same defaults and matching rules as
             :func:`hf_tdrop.patch_model` (default: every supported layer but output heads and layers

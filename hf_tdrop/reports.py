@@ -441,6 +441,8 @@ def _parse_metrics(value: Any, sparsity: float) -> dict[str, float]:
 
 def _default_run_name(model: nn.Module) -> str:
     config = getattr(model, "tdrop_config", None)
+    if callable(getattr(config, "run_label", None)):
+        return config.run_label()
     if config is not None and hasattr(config, "alpha"):
         return f"targeted α={config.alpha:g} γ={config.gamma:g}"
     return "model"
