@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import statistics
@@ -34,7 +35,7 @@ import time
 import torch
 from torch import nn
 
-from hf_tdrop import TargetedDropoutConfig, patch_model, targeted_layers
+from hf_tdrop import TargetedDropoutConfig, layers, patch_model, targeted_layers
 
 logger = logging.getLogger("step_overhead")
 
@@ -59,7 +60,13 @@ def build(arch: str, layers: int, dropout: float) -> nn.Module:
     raise ValueError(f"--archs: unknown architecture {arch!r}; allowed: bert, gpt2")
 
 
-def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int) -> dict[str, nn.Module]:
+RERANKED = "tdrop weight, ranked every micro-batch"
+"""With --gradient_accumulation_steps > 1: weight mode with the targeted set ranked again at every
+micro-batch (the library reuses it within an optimizer step); the difference is the saving."""
+
+
+def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int,
+                  accumulation: int = 1) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = build(arch, layers, 0.0)
     variants = {"unpatched": base, "nn.Dropout p=0.1": build(arch, layers, 0.1)}
@@ -75,14 +82,32 @@ def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int) 
         patch_model(model, config=TargetedDropoutConfig(alpha=ALPHA, gamma=gamma, mode=mode, refresh_every=refresh))
         label = "tdrop nm 2:4" if mode == "nm" else f"tdrop {mode}"
         variants[label + (f" refresh_every={refresh}" if refresh > 1 else "")] = model
+    if accumulation > 1 and "weight" in modes:
+        model = build(arch, layers, 0.0)
+        model.load_state_dict(base.state_dict())
+        patch_model(model, config=TargetedDropoutConfig(alpha=ALPHA, gamma=GAMMA, mode="weight"))
+        variants[RERANKED] = model
     for model in variants.values():
         model.train()
     return variants
 
 
-def step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
-    out = model(input_ids=ids).last_hidden_state
-    out.float().square().mean().backward()
+@contextlib.contextmanager
+def reranking(on: bool):
+    """Inside: patched layers rank their targeted set at every forward (no reuse within a step)."""
+    previous = layers._REUSE_WITHIN_STEP
+    layers._REUSE_WITHIN_STEP = not on
+    try:
+        yield
+    finally:
+        layers._REUSE_WITHIN_STEP = previous
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, accumulation: int = 1) -> None:
+    """One optimizer step over ``accumulation`` micro-batches of ``ids`` each."""
+    for _ in range(accumulation):
+        out = model(input_ids=ids).last_hidden_state
+        (out.float().square().mean() / accumulation).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -148,29 +173,35 @@ def main(argv=None) -> None:
                         help="Optimizer of the timed step (AdamW moves every weight by about lr per step: "
                              "the weight ranking changes at every step).")
     parser.add_argument("--lr", type=float, default=1e-3, help="Learning rate of the timed steps.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="Micro-batches (of --tokens each) per optimizer step. Above 1, also measures weight "
+                             "mode ranking its targeted set at every micro-batch instead of once per step.")
     parser.add_argument("--profile_ops", type=int, default=0,
                         help="After the timings of each token count, profile this many steps of 'tdrop weight' and "
                              "of the unpatched model and print where the extra time goes, op by op (0 = skip).")
     args = parser.parse_args(argv)
+    if args.gradient_accumulation_steps < 1 or args.threads < 1:
+        parser.error("--gradient_accumulation_steps and --threads must be >= 1.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     seq = 128
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers, "
           f"alpha={ALPHA} gamma={GAMMA} (nm 2:4: gamma={NM_GAMMA:g}), {args.optimizer} lr={args.lr}, "
-          f"{args.trials} timed (unpatched, variant) pairs "
+          f"{args.gradient_accumulation_steps} micro-batch(es) per step, {args.trials} timed (unpatched, variant) pairs "
           f"per variant\n")
     print("| model | tokens | variant | CPU ms/step (median) | CPU ms/step (min) | ratio (paired median) | "
           "ratio (min/min) | wall ms/step (median) | saved-for-backward MB | extra saved / targeted weight bytes |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     for arch in args.archs:
-        variants = make_variants(arch, args.layers, args.modes, args.refresh_every)
+        variants = make_variants(arch, args.layers, args.modes, args.refresh_every, args.gradient_accumulation_steps)
         opts = {k: optimizer_cls(m.parameters(), lr=args.lr) for k, m in variants.items()}
         for tokens in args.tokens:
             ids = torch.randint(0, 1000, (max(1, tokens // seq), seq))
             for name, model in variants.items():
                 for _ in range(args.warmup):
-                    step(model, opts[name], ids)
+                    with reranking(name == RERANKED):
+                        step(model, opts[name], ids, args.gradient_accumulation_steps)
             cpu = {k: [] for k in variants}
             wall = {k: [] for k in variants}
             ratios = {k: [] for k in variants}
@@ -178,8 +209,9 @@ def main(argv=None) -> None:
             rng = random.Random(0)
 
             def timed(name):
-                c0, t0 = time.process_time(), time.perf_counter()
-                step(variants[name], opts[name], ids)
+                with reranking(name == RERANKED):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    step(variants[name], opts[name], ids, args.gradient_accumulation_steps)
                 cpu[name].append(time.process_time() - c0)
                 wall[name].append(time.perf_counter() - t0)
                 return cpu[name][-1]

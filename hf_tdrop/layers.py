@@ -52,8 +52,9 @@ class TargetingState:
     m: int = 4
     original_class: Optional[type] = None
     name: str = field(default="", compare=False)  # the layer's dotted name in the patched model, for messages
-    # cache of the targeted set when refresh_every > 1: (optimizer step of the weight when it was
-    # computed (see optimizer_steps), gamma, held-zeros mask it was computed with, bool mask)
+    # the last targeted set: (optimizer step of the weight when it was computed (see
+    # optimizer_steps), the weight's version counter and storage address then, gamma, held-zeros
+    # mask it was computed with, bool mask)
     cached_targeting: Optional[tuple] = field(default=None, repr=False, compare=False)
     # weight mode: where each row's threshold was at the last targeting (a hint that makes the next
     # exact selection cheaper; see masking.lowest_k_bracketed)
@@ -105,9 +106,12 @@ class _StepCount:
 _all_optimizer_steps = 0
 """Steps of every ``torch.optim.Optimizer`` in this process, once the hook is registered."""
 _weight_steps: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""Weight tensor -> :class:`_StepCount`, for the weights of layers with ``refresh_every > 1``
-(by identity, without keeping the tensor alive)."""
+"""Weight tensor -> :class:`_StepCount`, for the weights of patched layers (by identity, without
+keeping the tensor alive)."""
 _step_hook = None
+_REUSE_WITHIN_STEP = True
+"""Reuse a layer's targeted set between forward passes of one optimizer step when its weight did
+not change (gradient accumulation). Only the step-overhead benchmark turns it off, to measure it."""
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
@@ -166,19 +170,25 @@ def targeted_set(module: nn.Module) -> torch.Tensor:
     ``floor(γ s_o)`` of the ``s_o`` surviving entries of each w_o, unit mode ``floor(γ s)`` of the
     ``s`` units not entirely held, and nm mode counts a held entry as one of its group's ``m - n``.
 
-    With ``refresh_every > 1`` it is reused for ``refresh_every`` optimizer steps
-    (:func:`optimizer_steps`; the set is recomputed at steps 0, N, 2N, ...) and recomputed at once
-    when γ or the held entries changed. Every forward pass within one optimizer step (gradient
-    accumulation, the recomputation of gradient checkpointing) sees the same set."""
+    The set is computed once per optimizer step (:func:`optimizer_steps`) and reused by every
+    forward pass of that step while the weight is unchanged (same version counter and storage): the
+    micro-batches of gradient accumulation and the recomputation of gradient checkpointing see the
+    same set, ranked once. Any in-place change of the weight (an optimizer step, ``copy_``,
+    ``load_state_dict``, pruning) triggers a new ranking; a change made through ``weight.data``
+    outside an optimizer step is not seen until the next step. With ``refresh_every > 1`` the set
+    is kept for ``refresh_every`` optimizer steps (recomputed at steps 0, N, 2N, ...). Either way it
+    is recomputed at once when γ or the held entries changed."""
     state: TargetingState = getattr(module, STATE_ATTR)
     weight = module.weight
     held = held_zeros(weight)
-    step = None
-    if state.refresh_every > 1:
-        step = optimizer_steps(weight)
-        if state.cached_targeting is not None:
-            cached_step, cached_gamma, cached_held, cached = state.cached_targeting
-            if cached_gamma == state.gamma and cached_held is held and 0 <= step - cached_step < state.refresh_every:
+    step = optimizer_steps(weight)
+    version = (weight._version, weight.data_ptr())
+    if state.cached_targeting is not None:
+        cached_step, cached_version, cached_gamma, cached_held, cached = state.cached_targeting
+        if cached_gamma == state.gamma and cached_held is held:
+            if state.refresh_every > 1 and 0 <= step - cached_step < state.refresh_every:
+                return cached
+            if _REUSE_WITHIN_STEP and step == cached_step and version == cached_version:
                 return cached
     w2d = masking.unit_matrix(weight.detach(), state.layout)
     held2d = None if held is None else masking.unit_matrix(held, state.layout)
@@ -194,8 +204,7 @@ def targeted_set(module: nn.Module) -> torch.Tensor:
         targeted = masking.targeted_units(w2d, state.gamma)
     else:
         targeted = masking.targeted_units_among(w2d, state.gamma, held2d.all(dim=1))
-    if step is not None:
-        state.cached_targeting = (step, state.gamma, held, targeted)
+    state.cached_targeting = (step, version, state.gamma, held, targeted)
     return targeted
 
 

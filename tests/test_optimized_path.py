@@ -168,6 +168,54 @@ def test_refresh_every_counts_optimizer_steps_for_every_optimizer(make_opt, forw
     assert steps == [0, 4, 8]
 
 
+@pytest.mark.parametrize("make_opt", [
+    pytest.param(lambda p: torch.optim.AdamW(p, lr=0.1, fused=True), id="adamw-fused"),
+    pytest.param(lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, weight_decay=0.1, foreach=False), id="sgd-forloop-wd"),
+])
+def test_gradient_accumulation_ranks_once_per_optimizer_step(make_opt):
+    """refresh_every=1 (the default): the micro-batches of one optimizer step share one targeted set
+    (ranked at the first), and every optimizer step ranks again, also for fused AdamW, which does
+    not bump the weight's version counter. Each recomputed set is the exact targeting then."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    patch_model(layer, config=TargetedDropoutConfig(alpha=0.5, gamma=0.5))
+    layer.train()
+    recomputed = _refresh_pattern(layer, make_opt(layer.parameters()), 5, forwards_per_step=4)
+    assert [i for i, r in enumerate(recomputed) if r] == [0, 4, 8, 12, 16]
+
+
+def test_weight_changed_between_forwards_is_ranked_again():
+    """Without an optimizer step, any in-place change of the weight (copy_, load_state_dict,
+    pruning) or a new weight tensor makes the next forward rank again; the masks keep being drawn
+    fresh every forward."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    patch_model(layer, config=TargetedDropoutConfig(alpha=0.5, gamma=0.5))
+    layer.train()
+    x = torch.randn(4, 32)
+    layer(x)
+    first = layer.tdrop_state.cached_targeting[-1]
+    layer(x)
+    assert layer.tdrop_state.cached_targeting[-1] is first  # unchanged weight: reused
+    with torch.no_grad():
+        layer.weight.copy_(-layer.weight.flip(1))
+    layer(x)
+    second = layer.tdrop_state.cached_targeting[-1]
+    assert second is not first and torch.equal(second, masking.targeted_weights(layer.weight, 0.5))
+    layer.load_state_dict({"weight": torch.randn(16, 32), "bias": torch.zeros(16)})
+    layer(x)
+    third = layer.tdrop_state.cached_targeting[-1]
+    assert third is not second and torch.equal(third, masking.targeted_weights(layer.weight, 0.5))
+    layer.weight = nn.Parameter(torch.randn(16, 32))
+    layer(x)
+    assert torch.equal(layer.tdrop_state.cached_targeting[-1], masking.targeted_weights(layer.weight, 0.5))
+    # fresh Bernoulli draws on a reused set
+    from hf_tdrop.layers import sample_drop_mask
+
+    draws = {tuple(sample_drop_mask(layer, sample=True)[0].flatten().tolist()) for _ in range(4)}
+    assert len(draws) == 4
+
+
 def test_refresh_every_counts_only_the_steps_of_the_optimizer_holding_the_weight():
     torch.manual_seed(0)
     layer, other = nn.Linear(32, 16), nn.Linear(4, 4)
