@@ -4,10 +4,12 @@
 Reproduces the image experiments of Gomez et al. (2019), "Learning Sparse Networks Using Targeted
 Dropout" (ResNet-32 on CIFAR-10; weight- and unit-pruning tables), with ``transformers.Trainer``:
 
-1. For every run (e.g. ``none``, ``weight:0.75:0.9``, ``unit:0.9:0.75``): build the model, patch it
-   with :func:`hf_tdrop.patch_model` (unless ``none``), train it with ``Trainer`` and
-   :class:`hf_tdrop.TargetedDropoutCallback` (α/γ schedule), save it (a plain HF checkpoint).
-2. Sweep magnitude pruning 0..90 % (weight and unit) of every run on the test split with
+1. For every run (e.g. ``none``, ``weight:0.75:0.9``, ``unit:0.9:0.75``, or a baseline such as
+   ``l0:unit:1e-3``; grammar in ``run_specs.py``): build the model, patch it with
+   :func:`hf_tdrop.patch_model` (unless ``none``), train it with ``Trainer`` and
+   :class:`hf_tdrop.TargetedDropoutCallback` (α/γ schedule) or :class:`hf_tdrop.RegularizationCallback`
+   (loss terms), finalise a method run (:func:`hf_tdrop.finalize_model`), save it (a plain HF checkpoint).
+2. Sweep pruning 0..90 % (weight and unit; magnitude, or the run's learned criterion) of every run on the test split with
    :func:`hf_tdrop.prune_sweep` and write per-run tables plus the combined, paper-shaped tables
    (rows = prune %, columns = runs) as Markdown/CSV/JSON and a plot into ``--output_dir``.
 
@@ -15,6 +17,13 @@ Examples::
 
     # embedded default (offline, a few minutes on 2 CPU cores): digits, MLP, none vs weight-TD vs unit-TD
     python examples/image_classification.py
+
+    # the paper's baselines side by side on digits (dropout, L1, L0, variational dropout, Smallify, the
+    # random-target control, ramped TD, random pruning before training; about 3 minutes on 2 CPU cores)
+    python examples/image_classification.py --preset digits-baselines
+
+    # any methods as run specs, each swept by its own pruning criterion
+    python examples/image_classification.py --runs none,l1:0.01,l0:unit:1e-3,vd,weight:0.99:0.99:ramp,randinit:weight:0.9
 
     # CIFAR-10 from a local copy in the hub's schema, ResNet-32, a short CPU schedule
     python examples/image_classification.py --preset cifar10-cpu \\
