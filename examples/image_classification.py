@@ -4,10 +4,12 @@
 Reproduces the image experiments of Gomez et al. (2019), "Learning Sparse Networks Using Targeted
 Dropout" (ResNet-32 on CIFAR-10; weight- and unit-pruning tables), with ``transformers.Trainer``:
 
-1. For every run (e.g. ``none``, ``weight:0.75:0.9``, ``unit:0.9:0.75``): build the model, patch it
-   with :func:`hf_tdrop.patch_model` (unless ``none``), train it with ``Trainer`` and
-   :class:`hf_tdrop.TargetedDropoutCallback` (α/γ schedule), save it (a plain HF checkpoint).
-2. Sweep magnitude pruning 0..90 % (weight and unit) of every run on the test split with
+1. For every run (e.g. ``none``, ``weight:0.75:0.9``, ``unit:0.9:0.75``, or a baseline such as
+   ``l0:unit:1e-3``; grammar in ``run_specs.py``): build the model, patch it with
+   :func:`hf_tdrop.patch_model` (unless ``none``), train it with ``Trainer`` and
+   :class:`hf_tdrop.TargetedDropoutCallback` (α/γ schedule) or :class:`hf_tdrop.RegularizationCallback`
+   (loss terms), finalise a method run (:func:`hf_tdrop.finalize_model`), save it (a plain HF checkpoint).
+2. Sweep pruning 0..90 % (weight and unit; magnitude, or the run's learned criterion) of every run on the test split with
    :func:`hf_tdrop.prune_sweep` and write per-run tables plus the combined, paper-shaped tables
    (rows = prune %, columns = runs) as Markdown/CSV/JSON and a plot into ``--output_dir``.
 
@@ -15,6 +17,13 @@ Examples::
 
     # embedded default (offline, a few minutes on 2 CPU cores): digits, MLP, none vs weight-TD vs unit-TD
     python examples/image_classification.py
+
+    # the paper's baselines side by side on digits (dropout, L1, L0, variational dropout, Smallify, the
+    # random-target control, ramped TD, random pruning before training; about 3 minutes on 2 CPU cores)
+    python examples/image_classification.py --preset digits-baselines
+
+    # any methods as run specs, each swept by its own pruning criterion
+    python examples/image_classification.py --runs none,l1:0.01,l0:unit:1e-3,vd,weight:0.99:0.99:ramp,randinit:weight:0.9
 
     # CIFAR-10 from a local copy in the hub's schema, ResNet-32, a short CPU schedule
     python examples/image_classification.py --preset cifar10-cpu \\
@@ -40,6 +49,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -64,12 +74,23 @@ import hf_tdrop
 from hf_tdrop import combine_sweeps, patch_model, plot_sweeps, prune_sweep
 from hf_tdrop.models import CifarResNetConfig, MLPConfig
 from image_data import ImageCollator, ImageData, prepare_data, tensors_of
+from run_specs import GRAMMAR, RunSpec, RunSpecError
+from run_specs import parse_runs as parse_run_specs
 
 logger = logging.getLogger("image_classification")
 
 DEFAULT_OUTPUT_DIR = "outputs/image_classification"
 CIFAR10_HUB_ID = "uoft-cs/cifar10"
 DEFAULT_RUNS = "none,weight:0.75:0.9,unit:0.9:0.75"
+TABLE7_WEIGHT_LEVELS = (0.5, 0.75, 0.9, 0.99)
+TABLE7_UNIT_LEVELS = (0.75, 0.85, 0.9, 0.95)
+BASELINE_RUNS = ",".join([
+    "none", "dropout:weight:0.5", "dropout:unit:0.5", "l1:0.1", "l0:weight:0.1", "l0:unit:0.1", "vd:1",
+    "smallify:1e-4", "random:weight:0.75:0.9", "weight:0.75:0.9", "unit:0.9:0.75", "weight:0.99:0.99:ramp",
+    "unit:0.99:0.95:ramp", *(f"randinit:weight:{s:g}" for s in TABLE7_WEIGHT_LEVELS),
+    *(f"randinit:unit:{s:g}" for s in TABLE7_UNIT_LEVELS),
+])
+"""The digits-baselines preset's runs: every method next to targeted dropout, plus the Table 7 runs."""
 
 # Presets fill in defaults; any flag given on the command line wins.
 PRESETS = {
@@ -78,6 +99,15 @@ PRESETS = {
         dataset="digits", model="mlp", mlp_hidden_sizes="256,256", runs=DEFAULT_RUNS,
         num_train_epochs=30.0, per_device_train_batch_size=32, learning_rate=0.05, lr_scheduler_type="cosine",
         weight_decay=2e-4, optim="sgd", momentum=0.9, warmup_steps=0.0,
+    ),
+    # The paper's baselines side by side on digits (cpu-small's model, optimiser and 30 epochs; about
+    # 3 minutes on 2 CPU cores): none, untargeted weight/unit dropout, L1, L0 weight/unit, variational
+    # dropout, Smallify, the random-target control, weight/unit targeted dropout, ramped targeted
+    # dropout, and random pruning before training at the paper's Table 7 levels.
+    "digits-baselines": dict(
+        dataset="digits", model="mlp", mlp_hidden_sizes="256,256", runs=BASELINE_RUNS,
+        num_train_epochs=30.0, per_device_train_batch_size=32, learning_rate=0.05, lr_scheduler_type="cosine",
+        weight_decay=2e-4, optim="sgd", momentum=0.9, warmup_steps=0.0, schedule="constant", ramp_fraction=0.25,
     ),
     # A ResNet-20 of the paper's family on CIFAR-10 that converges within about 45 minutes a run on a
     # 2-core CPU (12 epochs, 4,692 steps): one-cycle-like schedule (linear warm-up over the first
@@ -151,7 +181,8 @@ class PresetArguments:
     """The preset: defaults for every flag it names (an explicit flag wins)."""
 
     preset: PresetName = arg("cpu-small", "Defaults for data/model/optimisation: 'cpu-small' (digits + MLP, minutes on "
-                             "CPU), 'cifar10-cpu' (ResNet-20, 12 epochs, about 45 minutes a run on 2 CPU cores), "
+                             "CPU), 'digits-baselines' (the same model, every baseline method and the Table 7 runs, under 10 minutes on "
+                             "2 CPU cores), 'cifar10-cpu' (ResNet-20, 12 epochs, about 45 minutes a run on 2 CPU cores), "
                              "'cifar10-gpu' (ResNet-20, 30 epochs, data on the GPU, bf16), 'paper' (ResNet-32, "
                              "256 epochs, the reference code's ResNet recipe). Explicit flags override the preset; "
                              "each flag's help lists what every preset sets.")
@@ -218,9 +249,12 @@ class TargetedDropoutArguments:
     """The compared runs and their targeted dropout."""
 
     _argument_group_name = "targeted dropout"
-    runs: Optional[str] = arg(None, "Comma-separated runs compared in one invocation, each 'none' or "
-                              "'MODE:ALPHA:GAMMA' (MODE weight|unit), optionally 'LABEL=...'. Example: "
-                              f"'{DEFAULT_RUNS}'. Ignored when --tdrop_mode is given.")
+    runs: Optional[str] = arg(None, "Comma-separated runs compared in one invocation, one table column each: "
+                              f"{GRAMMAR}. Examples: '{DEFAULT_RUNS}'; 'none,dropout:weight:0.5,l1:0.01,"
+                              "l0:unit:1e-3,vd,smallify:1e-4,random:weight:0.75:0.9,weight:0.99:0.99:ramp,"
+                              "randinit:weight:0.9'. Targeted-dropout runs without a SCHEDULE follow the schedule flag below; "
+                              "randinit runs go to the Table 7 comparison (random pruning before training) "
+                              "instead of the sweep tables. Ignored when --tdrop_mode is given.")
     tdrop_mode: Optional[TDropMode] = arg(None, "Single run with this targeting ('none' = no targeted dropout) and "
                                           "--alpha/--gamma.")
     alpha: float = arg(0.75, "Drop probability α of a targeted weight/unit (single run).")
@@ -403,8 +437,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--prune_modes must be a comma-separated subset of weight,unit, got {args.prune_modes!r}.")
     try:
         args.run_specs = parse_runs(args)
-    except ValueError as err:
-        parser.error(str(err))
+    except RunSpecError as err:
+        parser.error(f"--runs: {err}")
     if args.mlp_hidden_sizes:
         try:
             args.hidden_list = [int(h) for h in args.mlp_hidden_sizes.split(",") if h.strip()]
@@ -418,59 +452,13 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--ramp_fraction must be in (0, 1].")
 
 
-@dataclass
-class RunSpec:
-    """One column of the paper's tables: a training run with or without targeted dropout."""
-
-    name: str  # directory name
-    label: str  # column label
-    mode: Optional[str] = None  # None = no targeted dropout
-    alpha: float = 0.0
-    gamma: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "label": self.label, "mode": self.mode, "alpha": self.alpha, "gamma": self.gamma}
-
-
-def _make_spec(mode: Optional[str], alpha: float = 0.0, gamma: float = 0.0, label: Optional[str] = None) -> RunSpec:
-    if mode is None:
-        return RunSpec(name="none", label=label or "none")
-    for name, value in (("alpha", alpha), ("gamma", gamma)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"run {mode}:{alpha}:{gamma}: {name} must be in [0, 1], got {value}.")
-    name = f"{mode}-a{alpha:g}-g{gamma:g}"
-    return RunSpec(name=name, label=label or f"{mode} TD α={alpha:g} γ={gamma:g}", mode=mode, alpha=alpha, gamma=gamma)
-
-
 def parse_runs(args: argparse.Namespace) -> list[RunSpec]:
-    """Runs from --tdrop_mode (single run) or --runs (``none`` / ``MODE:ALPHA:GAMMA`` / ``LABEL=...``)."""
+    """Runs from --tdrop_mode (single run) or --runs (the grammar of :mod:`run_specs`); raises
+    :class:`run_specs.RunSpecError` with a one-line message."""
     if args.tdrop_mode is not None:
-        return [_make_spec(None if args.tdrop_mode == "none" else args.tdrop_mode, args.alpha, args.gamma)]
-    text = args.runs or DEFAULT_RUNS
-    specs = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        label = None
-        if "=" in item:
-            label, item = (x.strip() for x in item.split("=", 1))
-        if item == "none":
-            specs.append(_make_spec(None, label=label))
-            continue
-        parts = item.split(":")
-        if len(parts) != 3 or parts[0] not in ("weight", "unit"):
-            raise ValueError(f"--runs entries must be 'none' or 'MODE:ALPHA:GAMMA' with MODE weight|unit, got {item!r}.")
-        try:
-            alpha, gamma = float(parts[1]), float(parts[2])
-        except ValueError:
-            raise ValueError(f"--runs entry {item!r}: ALPHA and GAMMA must be numbers.") from None
-        specs.append(_make_spec(parts[0], alpha, gamma, label))
-    if not specs:
-        raise ValueError("--runs is empty.")
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names) or len({s.label for s in specs}) != len(specs):
-        raise ValueError(f"--runs has duplicate runs: {names}.")
-    return specs
+        text = "none" if args.tdrop_mode == "none" else f"{args.tdrop_mode}:{args.alpha}:{args.gamma}"
+        return parse_run_specs(text, default_schedule=args.schedule)
+    return parse_run_specs(args.runs or DEFAULT_RUNS, default_schedule=args.schedule)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,11 +529,75 @@ def compute_metrics(eval_pred) -> dict:
 
 
 def make_schedule(args, spec: RunSpec):
-    return hf_tdrop.TargetingSchedule(alpha=spec.alpha, gamma=spec.gamma, kind=args.schedule,
-                                      ramp_fraction=None if args.schedule == "constant" else (args.ramp_fraction or 0.5))
+    kind = spec.schedule or args.schedule
+    return hf_tdrop.TargetingSchedule(alpha=spec.alpha, gamma=spec.gamma, kind=kind,
+                                      ramp_fraction=None if kind == "constant" else (args.ramp_fraction or 0.5))
 
 
-def training_arguments(args, run_dir: Path, has_validation: bool) -> TrainingArguments:
+def run_weight_decay(args, spec: RunSpec) -> float:
+    """Weight decay of a run: off for variational dropout (the reference's setting: it would pull
+    log σ² towards 0), ``--weight_decay`` otherwise."""
+    return 0.0 if spec.method == "variational_dropout" else args.weight_decay
+
+
+class MethodTrainer(Trainer):
+    """``Trainer`` whose optimizer does not weight-decay the methods' extra parameters (L0 gates,
+    variational log σ², Smallify switches): only the network's own weights are decayed."""
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        extra = set(hf_tdrop.method_parameters(model))
+        return [name for name in super().get_decay_parameter_names(model) if name not in extra]
+
+
+def total_updates(args, training_args: TrainingArguments, n_train: int) -> int:
+    """Optimizer updates of a run, as ``Trainer`` counts them (for the KL warm-up fraction)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batch = args.per_device_train_batch_size * training_args.world_size
+    per_epoch = max(1, math.ceil(n_train / batch) // training_args.gradient_accumulation_steps)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+LEARNED_CRITERION_FILE = "learned_criterion.pt"
+"""Beside a method run's checkpoint: the learned pruning order of every layer (L0 gates, variational
+log α), which a plain checkpoint does not carry; read back by ``--no-do_train``."""
+
+
+def save_learned_criterion(model, run_dir: Path) -> None:
+    from hf_tdrop.methods.base import CRITERION_ATTR
+
+    learned = {name: getattr(m, CRITERION_ATTR) for name, m in model.named_modules() if hasattr(m, CRITERION_ATTR)}
+    if learned:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({name: {"name": c.name, "granularity": c.granularity, "scores": c.scores.cpu()}
+                    for name, c in learned.items()}, run_dir / LEARNED_CRITERION_FILE)
+
+
+def load_learned_criterion(model, path: Path) -> None:
+    from hf_tdrop.methods.base import CRITERION_ATTR, LearnedCriterion
+
+    file = path / LEARNED_CRITERION_FILE
+    if not file.is_file():
+        return
+    modules = dict(model.named_modules())
+    for name, c in torch.load(file, weights_only=True).items():
+        setattr(modules[name], CRITERION_ATTR, LearnedCriterion(c["name"], c["granularity"], c["scores"]))
+
+
+def sweep_criterion(model, mode: str) -> str:
+    """The pruning criterion of a sweep: the learned criterion the model carries for ``mode``
+    (``"gates"`` for L0, ``"log_alpha"`` for variational dropout; a per-unit criterion only in unit
+    mode, a per-weight one only in weight mode), else ``"magnitude"``."""
+    from hf_tdrop.methods.base import CRITERION_ATTR
+
+    for module in model.modules():
+        learned = module.__dict__.get(CRITERION_ATTR)
+        if learned is not None and learned.granularity == mode:
+            return learned.name
+    return "magnitude"
+
+
+def training_arguments(args, run_dir: Path, has_validation: bool, weight_decay: Optional[float] = None) -> TrainingArguments:
     optim_args = None
     if args.optim == "sgd" and args.momentum:
         optim_args = f"momentum={args.momentum}" + (",nesterov=True" if args.nesterov else "")
@@ -560,7 +612,7 @@ def training_arguments(args, run_dir: Path, has_validation: bool) -> TrainingArg
         warmup_steps=args.warmup_steps,
         optim=args.optim,
         optim_args=optim_args,
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay if weight_decay is None else weight_decay,
         label_smoothing_factor=args.label_smoothing_factor,
         bf16=bool(args.bf16),
         dataloader_pin_memory=not args.data_on_device,
@@ -591,27 +643,41 @@ def checkpoint_for(args, run_dir: Path, n_runs: int):
 
 
 def train_run(args, spec: RunSpec, data: ImageData, run_dir: Path, n_runs: int):
-    """Train one run; returns the trained (patched, if TD) model and the Trainer."""
+    """Train one run; returns the trained model (finalised for a method run, patched for targeted
+    dropout, held-at-zero pruned for randinit), the Trainer and the training metrics."""
     set_seed(args.seed)
     model = build_model(args, data)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    callback = None
-    if spec.mode is not None:
-        patch_model(model, alpha=spec.alpha, gamma=spec.gamma, mode=spec.mode,
-                    exclude_modules=excluded_layers(args, model))
-        callback = hf_tdrop.TargetedDropoutCallback(make_schedule(args, spec),
-                                                    bn_recalibration_batches=args.bn_recalibration_batches)
-        logger.info("run %s: %d layers patched (%s, α=%g, γ=%g, schedule %s)", spec.name,
-                    len(hf_tdrop.targeted_layers(model)), spec.mode, spec.alpha, spec.gamma, args.schedule)
+    training_args = training_arguments(args, run_dir, data.validation is not None, run_weight_decay(args, spec))
+    exclude = excluded_layers(args, model)
+    callbacks, hold = [], None
+    if spec.kind == "randinit":
+        # Table 7: a random subnetwork chosen at initialisation; the pruned weights (and the biases of
+        # pruned units) stay exactly zero through training, optimizer state included
+        report = hf_tdrop.prune_model(model, spec.sparsity, mode=spec.mode, method="random", exclude_modules=exclude,
+                                      generator=torch.Generator().manual_seed(args.seed))
+        hold = hf_tdrop.hold_pruned(model, report)
+        logger.info("run %s: random %s pruning at initialisation, %.1f%% of the weights held at zero", spec.name,
+                    spec.mode, 100 * report.pruned_fraction)
+    elif spec.kind != "none":
+        config = spec.config(dataset_size=len(data.train), exclude_modules=exclude,
+                             total_updates=total_updates(args, training_args, len(data.train)))
+        patch_model(model, config=config)
+        if spec.has_targeting:
+            callbacks.append(hf_tdrop.TargetedDropoutCallback(make_schedule(args, spec),
+                                                              bn_recalibration_batches=args.bn_recalibration_batches))
+        else:
+            callbacks.append(hf_tdrop.RegularizationCallback())
+        logger.info("run %s: %d layers patched with %s (%s), weight decay %g", spec.name,
+                    len(hf_tdrop.targeted_layers(model)), spec.method, spec.label, training_args.weight_decay)
     else:
-        logger.info("run %s: no targeted dropout", spec.name)
-    training_args = training_arguments(args, run_dir, data.validation is not None)
+        logger.info("run %s: no method", spec.name)
     train_set, validation_set = data.train, data.validation
     if args.data_on_device:
         train_set = train_set.to(training_args.device)
         validation_set = validation_set.to(training_args.device) if validation_set is not None else None
-    trainer = Trainer(
+    trainer = MethodTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
@@ -619,13 +685,26 @@ def train_run(args, spec: RunSpec, data: ImageData, run_dir: Path, n_runs: int):
         data_collator=ImageCollator(torch.tensor(data.mean), torch.tensor(data.std), args.channels_last),
         compute_metrics=compute_metrics if data.validation is not None else None,
     )
-    if callback is not None:
-        callback.attach(trainer)  # ahead of report_to integrations, so they log tdrop_alpha/tdrop_gamma
+    for callback in callbacks:
+        if isinstance(callback, hf_tdrop.TargetedDropoutCallback):
+            callback.attach(trainer)  # ahead of report_to integrations, so they log tdrop_alpha/tdrop_gamma
+        else:
+            trainer.add_callback(callback)
     checkpoint = checkpoint_for(args, run_dir, n_runs)
     logger.info("run %s: %d process(es) (%s), %d examples per step", spec.name, trainer.args.world_size,
                 trainer.args.parallel_mode.value, trainer.args.world_size * args.per_device_train_batch_size)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(str(run_dir))  # a plain checkpoint (patching leaves the state_dict untouched)
+    if hold is not None:
+        result.metrics["held_zero_weights"] = hold.n_held
+        result.metrics["held_weights_nonzero_after_training"] = hold.nonzero_held()
+        hold.remove()
+    if spec.kind in ("targeted_dropout", "method") and spec.method != "targeted_dropout":
+        # fold gates / log σ² / switches into the weights, keep the learned pruning order, strip the
+        # extra tensors: the saved checkpoint is plain, and the sweep prunes the model as deployed
+        hf_tdrop.finalize_model(trainer.model)
+        if trainer.is_world_process_zero():
+            save_learned_criterion(trainer.model, run_dir)
+    trainer.save_model(str(run_dir))  # a plain checkpoint (targeted dropout leaves the state_dict untouched)
     if trainer.is_world_process_zero():
         image_processor(data).save_pretrained(str(run_dir))
     trainer.save_state()
@@ -662,6 +741,7 @@ def load_trained(args, spec: RunSpec, data: ImageData, run_dir: Path):
         raise SystemExit(f"--no-do_train: no trained model for run {spec.name!r} at {path} (expected a "
                          "save_pretrained directory); pass --model_name_or_path DIR or train first.")
     model = AutoModelForImageClassification.from_pretrained(str(path))
+    load_learned_criterion(model, path)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     logger.info("run %s: evaluating the trained model in %s", spec.name, path)
@@ -685,26 +765,57 @@ def recalibration_batches(args, data: ImageData, model) -> Optional[hf_tdrop.Bat
 
 
 def sweep_run(args, spec: RunSpec, model, data: ImageData, evaluate, run_dir: Path, sweeps: dict) -> dict:
-    """Prune sweeps of one run, per mode: the paper's protocol (as pruned) and, for BatchNorm models,
-    with the statistics re-estimated at every level. Returns the run's unpruned numbers for the summary."""
+    """Prune sweeps of one run, per mode, by the run's own criterion (:func:`sweep_criterion`): the
+    paper's protocol (as pruned) and, for BatchNorm models, with the statistics re-estimated at every
+    level. A randinit run is not swept (it is already pruned); it is evaluated as trained. Returns the
+    run's unpruned numbers for the summary, and for the Table 7 comparison the accuracy of no-method
+    and targeted-dropout runs pruned after training at the levels of the randinit runs."""
+    numbers = {"unpruned": evaluate(model)}
     exclude = excluded_layers(args, model)
+    # weights already exactly zero in the prunable layers (randinit's held zeros, variational dropout's
+    # log α >= 3, L0's closed gates, Smallify's masked units, folded in by finalize_model)
+    report = hf_tdrop.sparsity_report(model, exclude_modules=exclude)
+    numbers["zero_fraction"] = report.total_excluding_heads["weight_sparsity"]
+    if spec.kind == "randinit":
+        numbers["pruned_fraction"] = numbers["zero_fraction"]
+        return numbers
     recalibrate = recalibration_batches(args, data, model)
+    numbers["criterion"] = {}
     for mode in args.prune_mode_list:
+        criterion = sweep_criterion(model, mode)
+        numbers["criterion"][mode] = criterion
+        label = spec.label if criterion == "magnitude" else f"{spec.label} ({criterion})"
         for protocol, recal in (("", None), ("_bn", recalibrate)):
             if protocol and recal is None:
                 continue
-            result = prune_sweep(model, evaluate, args.sparsity_list, mode=mode, run_name=spec.label,
+            result = prune_sweep(model, evaluate, args.sparsity_list, mode=mode, method=criterion, run_name=label,
                                  exclude_modules=exclude, recalibrate=recal, progress=not args.disable_tqdm)
             result.save(run_dir, prefix=f"sweep-{mode}{protocol}")
             sweeps.setdefault(f"{mode}{protocol}", []).append(result)
-            logger.info("run %s, %s pruning%s:\n%s", spec.name, mode, " (BatchNorm re-estimated)" if recal else "",
-                        result.to_markdown("accuracy"))
-    numbers = {"unpruned": evaluate(model)}
-    if spec.mode is not None:
+            logger.info("run %s, %s pruning by %s%s:\n%s", spec.name, mode, criterion,
+                        " (BatchNorm re-estimated)" if recal else "", result.to_markdown("accuracy"))
+    if spec.method == "targeted_dropout":
         # the reference implementation's evaluation: the whole targeted set (the floor(γ·n) lowest) removed
         with hf_tdrop.pruned(model, spec.gamma, mode=spec.mode, exclude_modules=exclude):
             numbers["targeted_set_removed"] = evaluate(model)
+    levels = table7_levels(args)
+    if spec.kind == "none" or spec.method == "targeted_dropout":
+        for mode, mode_levels in levels.items():
+            if spec.kind == "none" or spec.mode == mode:
+                numbers.setdefault("pruned_after_training", {})[mode] = {}
+                for level in mode_levels:
+                    with hf_tdrop.pruned(model, level, mode=mode, exclude_modules=exclude):
+                        numbers["pruned_after_training"][mode][str(level)] = evaluate(model)["accuracy"]
     return numbers
+
+
+def table7_levels(args) -> dict[str, list[float]]:
+    """``{mode: sorted sparsities}`` of the randinit runs (the rows of the Table 7 comparison)."""
+    levels: dict[str, list[float]] = {}
+    for spec in args.run_specs:
+        if spec.kind == "randinit":
+            levels.setdefault(spec.mode, []).append(spec.sparsity)
+    return {mode: sorted(set(v)) for mode, v in levels.items()}
 
 
 def check_output_dir(args) -> None:
@@ -715,21 +826,33 @@ def check_output_dir(args) -> None:
                          "--resume_from_checkpoint true) or choose another directory.")
 
 
-def write_combined(output_dir: Path, sweeps: dict[str, list], labels: list[str],
+CRITERIA_NOTE = ("Pruning criterion: magnitude (smallest |w| per w_o in weight pruning, smallest ||w_o|| in unit "
+                 "pruning) unless the column names a learned one: (gates) = L0's learned log α, lowest first; "
+                 "(log_alpha) = variational dropout's log α, highest first. A learned criterion is used only in "
+                 "the mode it was learned in (per-weight gates and log α in weight pruning, per-unit gates in unit "
+                 "pruning).")
+
+
+def write_combined(output_dir: Path, sweeps: dict[str, list], labels: Optional[list[str]] = None,
                    unpruned: Optional[dict] = None, runs: Optional[list] = None) -> dict[str, str]:
-    """Combined tables (rows = prune %, columns = runs) per pruning mode and protocol (``weight``,
-    ``weight_bn`` = BatchNorm re-estimated at every level, ...): .md/.csv/.json and a .png; plus, in
-    ``results.md``, every run's unpruned accuracy as saved and with its targeted set removed."""
+    """Combined tables (rows = prune %, columns = runs, labelled with their pruning criterion when it
+    is not magnitude) per pruning mode and protocol (``weight``, ``weight_bn`` = BatchNorm re-estimated
+    at every level, ...): .md/.csv/.json and a .png; plus, in ``results.md``, every run's unpruned
+    accuracy as saved and with its targeted set removed, and the Table 7 comparison when there are
+    randinit runs (also ``table7.md/.csv/.json``)."""
     written = {}
     texts = []
     if unpruned and runs:
-        rows = ["| run | unpruned, as saved | targeted set removed (reference eval) |", "|---|---|---|"]
+        rows = ["| run | unpruned, as saved | weights already zero | targeted set removed (reference eval) |",
+                "|---|---|---|---|"]
         for spec in runs:
             numbers = unpruned.get(spec.name)
             if numbers is None:
                 continue
             removed = numbers.get("targeted_set_removed")
+            zero = numbers.get("zero_fraction")
             rows.append(f"| {spec.label} | {numbers['unpruned']['accuracy']:.4f} | "
+                        f"{'-' if zero is None else format(zero, '.1%')} | "
                         f"{'-' if removed is None else format(removed['accuracy'], '.4f')} |")
         texts.append("### Unpruned test accuracy\n\n" + "\n".join(rows) + "\n")
     for key, results in sweeps.items():
@@ -737,19 +860,73 @@ def write_combined(output_dir: Path, sweeps: dict[str, list], labels: list[str],
             continue
         mode, _, protocol = key.partition("_")
         how = ", BatchNorm statistics re-estimated at every level" if protocol == "bn" else ", as pruned"
-        table = combine_sweeps(results, "accuracy", labels=labels[:len(results)])
+        columns = [r.run_name for r in results]
+        table = combine_sweeps(results, "accuracy", labels=columns)
         stem = output_dir / f"{key}_pruning"
+        note = f"\n{CRITERIA_NOTE}\n"
         text = f"### {mode.capitalize()} pruning{how}: test accuracy (rows = fraction pruned, columns = runs)\n\n" \
-               + table.to_markdown(float_format=".4f") + "\n"
+               + table.to_markdown(float_format=".4f") + "\n" + note
         stem.with_suffix(".md").write_text(text, encoding="utf-8")
         table.to_csv(stem.with_suffix(".csv"))
         table.to_json(stem.with_suffix(".json"))
-        plot_sweeps(results, stem.with_suffix(".png"), metric="accuracy", labels=labels[:len(results)],
+        (output_dir / f"{key}_pruning_criteria.json").write_text(
+            json.dumps({r.run_name: r.method for r in results}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        plot_sweeps(results, stem.with_suffix(".png"), metric="accuracy", labels=columns,
                     title=f"{mode} pruning{how}")
         written[key] = str(stem.with_suffix(".md"))
         texts.append(text)
+    if unpruned and runs and any(s.kind == "randinit" for s in runs):
+        text = write_table7(output_dir, unpruned, runs)
+        written["table7"] = str(output_dir / "table7.md")
+        texts.append(text)
     (output_dir / "results.md").write_text("\n".join(texts), encoding="utf-8")
     return written
+
+
+def write_table7(output_dir: Path, unpruned: dict, runs: list) -> str:
+    """The paper's Table 7: random pruning before training (each randinit run, evaluated as trained)
+    vs. the no-method and targeted-dropout runs magnitude-pruned after training at the same level.
+    Writes ``table7.md``, ``table7.csv`` (mode, sparsity, one column per run) and ``table7.json``;
+    returns the Markdown."""
+    data, parts = {}, []
+    for mode in MODES_ORDER:
+        randinit = {s.sparsity: unpruned[s.name] for s in runs if s.kind == "randinit" and s.mode == mode
+                    and s.name in unpruned}
+        if not randinit:
+            continue
+        levels = sorted(randinit)
+        columns = {"random pruning before training": [randinit[level]["unpruned"]["accuracy"] for level in levels]}
+        for spec in runs:
+            after = unpruned.get(spec.name, {}).get("pruned_after_training", {}).get(mode)
+            if after is not None:
+                columns[f"{spec.label}, pruned after training"] = [after.get(str(level)) for level in levels]
+        data[mode] = {"sparsities": levels, "columns": columns,
+                      "random_init_pruned_fraction": [randinit[level]["pruned_fraction"] for level in levels]}
+        names = list(columns)
+        rows = [f"| {mode} sparsity | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, level in enumerate(levels):
+            cells = ["-" if columns[n][i] is None else f"{columns[n][i]:.4f}" for n in names]
+            rows.append(f"| {level:.0%} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(rows))
+    text = ("### Table 7: random pruning before training vs. pruning after training (test accuracy)\n\n"
+            "Random pruning before training: a random subnetwork (per w_o in weight mode, per layer in unit "
+            "mode) is pruned at initialisation and held at exactly zero throughout training. The other "
+            "columns are trained dense and magnitude-pruned to the same level afterwards.\n\n"
+            + "\n\n".join(parts) + "\n")
+    (output_dir / "table7.md").write_text(text, encoding="utf-8")
+    (output_dir / "table7.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(output_dir / "table7.csv", "w", encoding="utf-8", newline="") as f:
+        import csv
+
+        writer = csv.writer(f)
+        for mode, table in data.items():
+            writer.writerow(["mode", "sparsity", *table["columns"]])
+            for i, level in enumerate(table["sparsities"]):
+                writer.writerow([mode, level, *(table["columns"][n][i] for n in table["columns"])])
+    return text
+
+
+MODES_ORDER = ("weight", "unit")
 
 
 def main(argv=None) -> dict:
@@ -805,8 +982,7 @@ def run(args) -> dict:
         last_model = model
 
     if int(os.environ.get("RANK", "0")) == 0:
-        labels = [s.label for s in args.run_specs]
-        write_combined(output_dir, sweeps, labels, summary["unpruned"], args.run_specs)
+        write_combined(output_dir, sweeps, None, summary["unpruned"], args.run_specs)
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n",
                                                       encoding="utf-8")
         print((output_dir / "results.md").read_text(encoding="utf-8"))

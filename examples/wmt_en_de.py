@@ -46,6 +46,9 @@ from transformers import (
 )
 
 from translation_data import TokenBudgetBatchSampler, load_translation_splits, train_joint_tokenizer  # the helper module beside this script
+from run_specs import RunSpecError, parse_run_spec  # the run-spec grammar shared with image_classification.py
+
+import hf_tdrop
 
 from hf_tdrop import (
     MODES,
@@ -244,6 +247,27 @@ class TargetedDropoutArguments:
                                                  "every Linear except the output head).", nargs="+")
 
 
+METHOD_KINDS = ("dropout", "l1", "l0", "variational_dropout")
+"""The training methods ``--method`` accepts: the weight-level baselines that apply to a Transformer's
+Linear layers."""
+METHOD_FORMS = "none | dropout:MODE:RATE | l1:LAMBDA | l0:weight:LAMBDA | vd[:KL_SCALE[:WARMUP]] (MODE weight|unit)"
+
+
+@dataclass
+class MethodArguments:
+    """A baseline training method instead of targeted dropout (the paper's comparisons)."""
+
+    _argument_group_name = "training method"
+    method: str = arg("none", f"Train with one of the paper's baselines: {METHOD_FORMS}. E.g. 'l0:weight:1e-3', "
+                      "'vd:1:0.1' (variational dropout, KL scale 1, KL warm-up over the first 10%% of the updates), "
+                      "'l1:0.01', 'dropout:weight:0.25'. Its loss term is added to the training loss "
+                      "(hf_tdrop.regularization_loss), its extra tensors are folded into the weights before the save "
+                      "(hf_tdrop.finalize_model: the checkpoint is plain) and the sweeps prune by its learned "
+                      "criterion where it has one (L0: gates, variational dropout: log_alpha; magnitude otherwise). "
+                      "Variational dropout trains without weight decay. Layers: --td_target_modules. Not together "
+                      "with --td_mode.")
+
+
 @dataclass
 class SweepArguments:
     """Evaluation (sacreBLEU, token accuracy) at every pruning level."""
@@ -276,8 +300,8 @@ class OutputArguments:
                                             "evaluation).", nargs="+")
 
 
-ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainArguments, TargetedDropoutArguments, SweepArguments,
-                    OutputArguments)
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainArguments, TargetedDropoutArguments, MethodArguments,
+                    SweepArguments, OutputArguments)
 
 
 class _Parser(HfArgumentParser):
@@ -372,6 +396,7 @@ def validate_args(parser, args):
         parser.error(f"--td_schedule {args.td_schedule} needs exactly one of --td_ramp_fraction / --td_ramp_steps.")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id.")
+    args.method_spec = parse_method(parser, args)
     if not args.do_train and not args.model_name_or_path:
         parser.error("--no-do_train needs --model_name_or_path (a trained model to evaluate).")
     steps = args.checkpointing_steps
@@ -385,6 +410,23 @@ def validate_args(parser, args):
                 parser.error(f"--resume_from_checkpoint latest: no step_*/epoch_* folder in {args.output_dir!r}.")
         elif not Path(args.resume_from_checkpoint).is_dir():
             parser.error(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}.")
+
+
+def parse_method(parser, args):
+    """``--method`` as a :class:`run_specs.RunSpec` (None for 'none'); a bad or unsupported spec is a
+    one-line flag error."""
+    if args.method.strip() == "none":
+        return None
+    try:
+        spec = parse_run_spec(args.method)
+    except RunSpecError as err:
+        parser.error(f"--method: {' '.join(str(err).split('; allowed:')[0].split())}; allowed: {METHOD_FORMS}.")
+    if spec.method not in METHOD_KINDS or (spec.method == "l0" and spec.mode != "weight"):
+        parser.error(f"--method {args.method!r}: not a weight-level method for a Transformer here; allowed: "
+                     f"{METHOD_FORMS} (targeted dropout: --td_mode).")
+    if args.td_mode != "none":
+        parser.error(f"--method {args.method!r} and --td_mode {args.td_mode}: choose one training method.")
+    return spec
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -507,6 +549,8 @@ def validation_metrics(model, loader, args, accelerator) -> dict:
 def run_name_of(args):
     if args.run_name:
         return args.run_name
+    if getattr(args, "method_spec", None) is not None:
+        return args.method_spec.label
     return "none" if args.td_mode == "none" else f"targeted α={args.td_alpha:g} γ={args.td_gamma:g}"
 
 
@@ -633,6 +677,13 @@ def build_tokenizer_and_model(args, raw):
                         target_modules=args.td_target_modules)
         except ValueError as err:
             raise InputError(f"--td_target_modules: {err}" if args.td_target_modules else str(err)) from None
+    if args.method_spec is not None and args.do_train:
+        # dataset_size: L0's expected-L0 cost and the variational KL are divided by the training-set size
+        config = args.method_spec.config(dataset_size=len(raw["train"]), target_modules=args.td_target_modules)
+        try:
+            patch_model(model, config=config)
+        except ValueError as err:
+            raise InputError(f"--method {args.method}: {err}") from None
     return tokenizer, model
 
 
@@ -641,7 +692,8 @@ def prepare_output_dir(args, accelerator) -> Path:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        saved = {k: v for k, v in vars(args).items() if k != "method_spec"}  # --method is the spec
+        (output_dir / "args.json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     return output_dir
 
@@ -710,12 +762,18 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
     valid_loader = None
     if args.epoch_validation and "validation" in processed:
         valid_loader = make_eval_dataloader(processed["validation"], collator, args, accelerator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, args.adam_beta2), eps=1e-9,
-                                  weight_decay=args.weight_decay)
+    spec = args.method_spec
+    extra = set(map(id, hf_tdrop.method_parameters(model).values()))  # gates, log σ²: never weight-decayed
+    decay = 0.0 if spec is not None and spec.method == "variational_dropout" else args.weight_decay  # the reference's
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in extra]},
+                                   {"params": [p for p in model.parameters() if id(p) in extra], "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, args.adam_beta2), eps=1e-9, weight_decay=decay)
     # Like run_translation_no_trainer: count updates after sharding across processes.
     updates_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes)
                                   / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if spec is not None and spec.kl_warmup_fraction:
+        set_kl_warmup(model, max(1, round(spec.kl_warmup_fraction * max_train_steps)))
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
                                  num_warmup_steps=warmup * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
@@ -756,7 +814,7 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
     progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process, desc="train")
     progress_bar.update(completed_steps)
     history, validation_history = [], []
-    running, running_n = 0.0, 0
+    running, running_n, running_reg = 0.0, 0, 0.0
     t_train = time.time()
     for epoch in range(starting_epoch, num_epochs):
         if completed_steps >= max_train_steps:  # resumed from a state at (or past) the last update
@@ -776,7 +834,12 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
                                decoder_input_ids=decoder_input_ids).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
                                                          ignore_index=-100, label_smoothing=args.label_smoothing)
-                accelerator.backward(loss)
+                if spec is not None:  # the method's loss term; accelerate divides each micro-batch's by the accumulation
+                    regularization = hf_tdrop.regularization_loss(model, step=completed_steps)
+                    running_reg += regularization.detach().float().item()
+                    accelerator.backward(loss + regularization)
+                else:
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -796,10 +859,12 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
                              "lr": lr_scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t_train, 1)}
                     if td_scheduler is not None:
                         entry.update(td_scheduler.get_last_targeting())
+                    if spec is not None:
+                        entry["regularization_loss"] = round(running_reg / max(running_n, 1), 6)
                     history.append(entry)
                     logger.info(json.dumps(entry))
                     progress_bar.set_postfix(loss=f"{mean:.3f}")
-                    running, running_n = 0.0, 0
+                    running, running_n, running_reg = 0.0, 0, 0.0
                 if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
                     accelerator.save_state(str(output_dir / f"step_{completed_steps}"))
             if completed_steps >= max_train_steps:
@@ -818,6 +883,10 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
     train_seconds = time.time() - t_train
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    if spec is not None:
+        # fold the method's extra tensors into the weights and keep its learned pruning order (for
+        # the sweeps): the saved checkpoint is plain, and the sweeps prune the model as saved
+        hf_tdrop.finalize_model(unwrapped)
     if args.save_dtype != "float32":
         # round to the saved dtype (and back) so that the sweeps measure exactly the saved model
         with torch.no_grad():
@@ -836,6 +905,28 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
              "num_processes": accelerator.num_processes, "parameters": n_params}, indent=2) + "\n")
     logger.info(f"Training done in {train_seconds:.0f}s ({completed_steps} updates); model saved to {output_dir}")
     return model
+
+
+def set_kl_warmup(model, steps: int) -> None:
+    """Variational dropout's KL warm-up, in updates, on every patched layer (``--method vd:S:WARMUP``
+    gives it as a fraction of the updates, known only once the data loader is built)."""
+    from hf_tdrop.layers import METHOD_ATTR
+    from hf_tdrop.methods.base import method_layers
+
+    for _, layer in method_layers(model):
+        getattr(layer, METHOD_ATTR).config.kl_warmup_steps = steps
+
+
+def sweep_criterion(model, mode: str) -> str:
+    """The pruning criterion of a sweep: the learned one the finalised model carries for ``mode``
+    (L0 ``gates``, variational ``log_alpha``; weight mode), else ``magnitude``."""
+    from hf_tdrop.methods.base import CRITERION_ATTR
+
+    for module in model.modules():
+        learned = module.__dict__.get(CRITERION_ATTR)
+        if learned is not None and learned.granularity == mode:
+            return learned.name
+    return "magnitude"
 
 
 def run_sweeps(args, model, tokenizer, raw, processed, collator, accelerator, output_dir: Path) -> dict:
@@ -865,8 +956,9 @@ def run_sweeps(args, model, tokenizer, raw, processed, collator, accelerator, ou
                 return metrics
 
             t0 = time.time()
+            criterion = sweep_criterion(accelerator.unwrap_model(model), mode)
             result = prune_sweep(accelerator.unwrap_model(model), evaluate_fn, levels, mode=mode, run_name=run_name,
-                                 progress=accelerator.is_local_main_process)
+                                 method=criterion, progress=accelerator.is_local_main_process)
             seconds = time.time() - t0
             logger.info(f"sacreBLEU signature: {signature.get('sacrebleu')}")
             if accelerator.is_main_process:

@@ -1,0 +1,278 @@
+"""Run specs: the short strings the example scripts take for "train this model with that method".
+
+One grammar for ``image_classification.py --runs`` (a comma-separated list, one column of the tables
+per spec) and ``wmt_en_de.py --method`` (one spec). Each spec is parsed into a :class:`RunSpec`,
+whose :meth:`RunSpec.config` builds the method's config through the library's registry
+(:func:`hf_tdrop.methods.method_config`), so every setting is validated by the config class itself.
+
+Grammar (``MODE`` is ``weight`` or ``unit``; numbers in any float spelling; ``LABEL=SPEC`` renames
+the column)::
+
+    none                                no method (the baseline)
+    MODE:ALPHA:GAMMA[:SCHEDULE]         targeted dropout; SCHEDULE is constant|linear|cosine|piecewise,
+                                        or ramp (the script's --schedule if it ramps, else piecewise);
+                                        default: the script's --schedule
+    random:MODE:ALPHA:GAMMA[:SCHEDULE]  the random-target control (fixed random targeted set)
+    dropout:MODE:RATE                   untargeted weight / unit dropout
+    l1:LAMBDA                           L1 penalty λ·Σ mean|W|
+    l0:MODE:LAMBDA                      L0 hard-concrete gates per weight / per unit, cost λ
+    vd[:KL_SCALE[:WARMUP]]              sparse variational dropout (also variational:...);
+                                        WARMUP = KL warm-up as a fraction of the training updates
+    smallify:LAMBDA                     Smallify switches, switch L1 λ
+    randinit:MODE:SPARSITY              random pruning before training: a random SPARSITY fraction
+                                        pruned at initialisation and held at zero throughout training
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hf_tdrop.methods import method_config
+from hf_tdrop.methods.base import config_class
+from hf_tdrop.schedules import SCHEDULE_KINDS
+
+MODES = ("weight", "unit")
+GRAMMAR = ("none | MODE:ALPHA:GAMMA[:SCHEDULE] | random:MODE:ALPHA:GAMMA[:SCHEDULE] | dropout:MODE:RATE | "
+           "l1:LAMBDA | l0:MODE:LAMBDA | vd[:KL_SCALE[:WARMUP]] | smallify:LAMBDA | randinit:MODE:SPARSITY, "
+           f"each optionally LABEL=SPEC; MODE {'|'.join(MODES)}, SCHEDULE {'|'.join(SCHEDULE_KINDS)}|ramp")
+"""What a spec may be, in one line (used in every error message)."""
+
+KINDS = ("none", "targeted_dropout", "method", "randinit")
+"""``none``: plain training; ``targeted_dropout``: targeted dropout or the random-target control
+(α/γ driven by a schedule); ``method``: a registered method with its own layer behaviour / loss;
+``randinit``: random pruning at initialisation, held at zero."""
+
+ALIASES = {"random": "random_target", "random_target": "random_target", "dropout": "dropout", "l1": "l1",
+           "l0": "l0", "vd": "variational_dropout", "variational": "variational_dropout",
+           "variational_dropout": "variational_dropout", "smallify": "smallify", "randinit": "randinit"}
+
+
+class RunSpecError(ValueError):
+    """A spec that does not parse; its message names the spec, the reason and the grammar."""
+
+
+@dataclass
+class RunSpec:
+    """One parsed spec (one column of the tables).
+
+    Attributes:
+        spec: the text as given (without the label).
+        name: directory-safe run name, unique per spec.
+        label: column label (``LABEL=`` or the config's :meth:`run_label`).
+        kind: one of :data:`KINDS`.
+        method: registry name (``targeted_dropout``, ``random_target``, ``l0``, ...) or None.
+        settings: keyword settings of the method's config (``dataset_size`` is filled in at training).
+        mode: ``weight`` / ``unit`` for targeted dropout, random-target, dropout, L0 and randinit.
+        alpha, gamma: targeted dropout / random-target targets.
+        schedule: their α/γ schedule kind (None for the other kinds).
+        schedule_given: the spec names its schedule (then the name and label show it).
+        sparsity: randinit's pruned fraction.
+        kl_warmup_fraction: variational dropout's KL warm-up as a fraction of the training updates.
+    """
+
+    spec: str
+    name: str
+    label: str
+    kind: str = "none"
+    method: Optional[str] = None
+    settings: dict = field(default_factory=dict)
+    mode: Optional[str] = None
+    alpha: float = 0.0
+    gamma: float = 0.0
+    schedule: Optional[str] = None
+    sparsity: Optional[float] = None
+    kl_warmup_fraction: float = 0.0
+    schedule_given: bool = False
+
+    @property
+    def ramped(self) -> bool:
+        return self.kind == "targeted_dropout" and self.schedule not in (None, "constant")
+
+    @property
+    def has_targeting(self) -> bool:
+        """Targeted dropout or the random-target control (α/γ set by a schedule callback)."""
+        return self.kind == "targeted_dropout"
+
+    def config(self, dataset_size: Optional[int] = None, total_updates: Optional[int] = None, **common) -> Any:
+        """The method's config, built through the registry (None for ``none`` and ``randinit``).
+
+        Args:
+            dataset_size: training-set size (L0 and variational dropout divide their cost by it).
+            total_updates: optimizer updates of the run (for the KL warm-up fraction).
+            common: ``target_modules`` / ``exclude_modules``.
+        """
+        if self.method is None:
+            return None
+        settings = dict(self.settings)
+        needs_size = "dataset_size" in {f.name for f in dataclasses.fields(config_class(self.method))}
+        if needs_size:
+            settings["dataset_size"] = dataset_size or 1
+        if self.kl_warmup_fraction and total_updates:
+            settings["kl_warmup_steps"] = max(1, round(self.kl_warmup_fraction * total_updates))
+        return method_config(self.method, **settings, **{k: v for k, v in common.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        config = self.config()
+        out["config"] = None if config is None else config_dict(config)
+        return out
+
+
+def config_dict(config) -> dict:
+    """The config as a JSON-friendly dict that :func:`hf_tdrop.methods.config_from_dict` reads back."""
+    data = config.to_dict()
+    data.setdefault("method", "targeted_dropout")
+    return data
+
+
+def _number(text: str, what: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise RunSpecError(f"bad run spec {spec!r}: {what} must be a number, got {text!r}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise RunSpecError(f"bad run spec {spec!r}: {what} must be a finite number, got {text!r}")
+    return value
+
+
+def _mode(text: str, spec: str) -> str:
+    if text not in MODES:
+        raise RunSpecError(f"bad run spec {spec!r}: MODE must be one of {'|'.join(MODES)}, got {text!r}")
+    return text
+
+
+def _schedule(parts: list[str], spec: str, default: str, ramp_default: str) -> str:
+    if not parts:
+        return default
+    kind = parts[0]
+    if kind == "ramp":
+        return ramp_default
+    if kind not in SCHEDULE_KINDS:
+        raise RunSpecError(f"bad run spec {spec!r}: SCHEDULE must be one of {'|'.join(SCHEDULE_KINDS)}|ramp, "
+                           f"got {kind!r}")
+    return kind
+
+
+def _arity(parts: list[str], low: int, high: int, form: str, spec: str) -> None:
+    if not low <= len(parts) <= high:
+        raise RunSpecError(f"bad run spec {spec!r}: expected {form}")
+
+
+def parse_run_spec(text: str, default_schedule: str = "constant") -> RunSpec:
+    """Parse one spec (see the module docstring); raises :class:`RunSpecError` with a one-line message.
+
+    Args:
+        text: e.g. ``"l0:unit:1e-3"`` or ``"ramped=weight:0.99:0.99:ramp"``.
+        default_schedule: the schedule of targeted-dropout specs that name none (``ramp`` means this
+            one when it is not ``constant``, else ``piecewise``).
+    """
+    original = text.strip()
+    label = None
+    if "=" in original:
+        label, original = (x.strip() for x in original.split("=", 1))
+        if not label:
+            raise RunSpecError(f"bad run spec {text.strip()!r}: empty LABEL before '='")
+    spec = original
+    parts = [p.strip() for p in spec.split(":")] if spec else [""]
+    head = parts[0].lower()
+    ramp_default = default_schedule if default_schedule != "constant" else "piecewise"
+    try:
+        if head == "none":
+            _arity(parts, 1, 1, "'none'", spec)
+            run = RunSpec(spec, "none", "none")
+        elif head in MODES or head in ("random", "random_target"):
+            targeted = head in MODES
+            body = parts if targeted else parts[1:]
+            form = "MODE:ALPHA:GAMMA[:SCHEDULE]" if targeted else "random:MODE:ALPHA:GAMMA[:SCHEDULE]"
+            _arity(body, 3, 4, form, spec)
+            mode = _mode(body[0], spec)
+            alpha, gamma = _number(body[1], "ALPHA", spec), _number(body[2], "GAMMA", spec)
+            schedule = _schedule(body[3:], spec, default_schedule, ramp_default)
+            method = "targeted_dropout" if targeted else "random_target"
+            name = f"{'' if targeted else 'random-'}{mode}-a{alpha:g}-g{gamma:g}"
+            if len(body) == 4:
+                name += f"-{schedule}"
+            run = RunSpec(spec, name, "", kind="targeted_dropout", method=method,
+                          settings=dict(alpha=alpha, gamma=gamma, mode=mode), mode=mode, alpha=alpha,
+                          gamma=gamma, schedule=schedule, schedule_given=len(body) == 4)
+        elif head == "dropout":
+            _arity(parts, 3, 3, "dropout:MODE:RATE", spec)
+            mode, rate = _mode(parts[1], spec), _number(parts[2], "RATE", spec)
+            run = RunSpec(spec, f"dropout-{mode}-{rate:g}", "", kind="method", method="dropout",
+                          settings=dict(rate=rate, mode=mode), mode=mode)
+        elif head == "l1":
+            _arity(parts, 2, 2, "l1:LAMBDA", spec)
+            lam = _number(parts[1], "LAMBDA", spec)
+            run = RunSpec(spec, f"l1-{lam:g}", "", kind="method", method="l1", settings=dict(l1=lam))
+        elif head == "l0":
+            _arity(parts, 3, 3, "l0:MODE:LAMBDA", spec)
+            mode, lam = _mode(parts[1], spec), _number(parts[2], "LAMBDA", spec)
+            run = RunSpec(spec, f"l0-{mode}-{lam:g}", "", kind="method", method="l0",
+                          settings=dict(l0=lam, mode=mode), mode=mode)
+        elif head in ("vd", "variational", "variational_dropout"):
+            _arity(parts, 1, 3, "vd[:KL_SCALE[:WARMUP]]", spec)
+            scale = _number(parts[1], "KL_SCALE", spec) if len(parts) > 1 else 1.0
+            warmup = _number(parts[2], "WARMUP", spec) if len(parts) > 2 else 0.0
+            if not 0.0 <= warmup <= 1.0:
+                raise RunSpecError(f"bad run spec {spec!r}: WARMUP is a fraction of the training updates in [0, 1], "
+                                   f"got {warmup:g}")
+            name = f"vd-{scale:g}" + (f"-w{warmup:g}" if warmup else "")
+            run = RunSpec(spec, name, "", kind="method", method="variational_dropout",
+                          settings=dict(kl_scale=scale), kl_warmup_fraction=warmup)
+        elif head == "smallify":
+            _arity(parts, 2, 2, "smallify:LAMBDA", spec)
+            lam = _number(parts[1], "LAMBDA", spec)
+            run = RunSpec(spec, f"smallify-{lam:g}", "", kind="method", method="smallify", settings=dict(l1=lam))
+        elif head == "randinit":
+            _arity(parts, 3, 3, "randinit:MODE:SPARSITY", spec)
+            mode, sparsity = _mode(parts[1], spec), _number(parts[2], "SPARSITY", spec)
+            if not 0.0 < sparsity < 1.0:
+                raise RunSpecError(f"bad run spec {spec!r}: SPARSITY must be in (0, 1), got {sparsity:g}")
+            run = RunSpec(spec, f"randinit-{mode}-{sparsity:g}", "", kind="randinit", mode=mode, sparsity=sparsity)
+        else:
+            raise RunSpecError(f"bad run spec {spec!r}: unknown method {parts[0]!r}")
+        config = run.config()  # validates every setting through the config class
+    except RunSpecError as err:
+        raise RunSpecError(f"{err}; allowed: {GRAMMAR}") from None
+    except ValueError as err:  # the config class's own check, e.g. `rate` must be in [0, 1)
+        raise RunSpecError(f"bad run spec {spec!r}: {str(err).rstrip('.')}; allowed: {GRAMMAR}") from None
+    run.label = label or default_label(run, config)
+    return run
+
+
+def default_label(run: RunSpec, config) -> str:
+    if run.kind == "none":
+        return "none"
+    if run.kind == "randinit":
+        return f"random pruning before training, {run.mode} {run.sparsity:.0%}"
+    if run.method == "targeted_dropout":
+        label = f"{run.mode} TD α={run.alpha:g} γ={run.gamma:g}"
+    else:
+        label = config.run_label()
+        if run.kl_warmup_fraction:
+            label += f", KL warm-up {run.kl_warmup_fraction:.0%}"
+    if run.schedule_given:
+        label += ", constant" if run.schedule == "constant" else f", ramped ({run.schedule})"
+    return label
+
+
+def parse_runs(text: str, default_schedule: str = "constant", allowed: Optional[set] = None) -> list[RunSpec]:
+    """Parse a comma-separated list of specs; raises :class:`RunSpecError` (empty list, a bad spec,
+    duplicates, or a kind not in ``allowed``)."""
+    specs = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        run = parse_run_spec(item, default_schedule)
+        if allowed is not None and run.kind not in allowed:
+            raise RunSpecError(f"run spec {item!r}: {run.kind} runs are not supported here; allowed kinds: {sorted(allowed)}")
+        specs.append(run)
+    if not specs:
+        raise RunSpecError(f"no run spec given; allowed: {GRAMMAR}")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names) or len({s.label for s in specs}) != len(specs):
+        raise RunSpecError(f"duplicate runs: {names}")
+    return specs
