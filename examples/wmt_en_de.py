@@ -69,7 +69,7 @@ EXAMPLES = """examples:
   # train.de.gz / val.* / test_2016_flickr.*: the multi30k preset, about 45 minutes on 2 cores
   python examples/wmt_en_de.py --model_preset multi30k \\
       --train_files data/train.en.gz data/train.de.gz --validation_files data/val.en.gz data/val.de.gz \\
-      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.25 \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.125 \\
       --save_dtype float16 --checkpointing_steps epoch --no_do_sweep --output_dir runs/m30k-td
 
   # sweep it: BLEU (beam 4) and token accuracy at 0-90 % weight and unit pruning on a test set
@@ -79,7 +79,7 @@ EXAMPLES = """examples:
 
   # targeted dropout as a fine-tuning step of any trained seq2seq checkpoint
   python examples/wmt_en_de.py --model_name_or_path runs/m30k-none --train_files ... --validation_files ... \\
-      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.25 \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.125 \\
       --max_train_steps 605 --max_tokens_per_batch 2048 --learning_rate 3e-4 --lr_scheduler_type constant \\
       --output_dir runs/m30k-none-td-finetuned
 
