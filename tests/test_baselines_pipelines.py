@@ -186,6 +186,34 @@ def test_translation_method_trains_finalises_to_a_plain_checkpoint_and_sweeps_by
     assert weight["run_name"] == "L0 weight λ=0.1" and 0.85 < weight["pruned_fraction"][2] <= 0.9
 
 
+@pytest.mark.parametrize("spec, extra_key, criterion, label", [
+    ("dropout:weight:0.25", None, "magnitude", "dropout weight 0.25"),
+    ("l1:0.1", "l1_", "magnitude", "L1 λ=0.1"),
+    ("vd:1:0.5", "vd_", "log_alpha", "variational dropout ×1"),
+])
+def test_translation_other_weight_level_methods_train_and_sweep(tmp_path, spec, extra_key, criterion, label):
+    """dropout, L1 and variational dropout through the translation script: a regulariser in the loss
+    where the method has one, a plain checkpoint, the sweep by the method's criterion."""
+    import wmt_en_de
+    from safetensors.torch import load_file
+    from test_wmt_en_de import small_args
+
+    out = tmp_path / "run"
+    wmt_en_de.main(small_args(out, 3, "--method", spec))
+    history = json.loads((out / "train_history.json").read_text())["history"]
+    if spec.startswith("dropout"):
+        assert all(h.get("regularization_loss", 0.0) == 0.0 for h in history)
+    else:
+        assert history[-1]["regularization_loss"] > 0
+    if spec.startswith("vd"):  # KL warm-up over half of the 3 updates: the weight grows
+        assert history[0]["regularization_loss"] < history[-1]["regularization_loss"]
+    keys = load_file(out / "model.safetensors")
+    assert extra_key is None or not any(extra_key in k for k in keys)
+    AutoModelForSeq2SeqLM.from_pretrained(out)
+    sweep = json.loads((out / "sweeps" / "sweep-validation-weight.json").read_text())
+    assert sweep["method"] == criterion and sweep["run_name"].startswith(label.split(" ")[0])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--method", "smallify:1e-4"], "not a weight-level method"),
     (["--method", "l0:unit:1e-3"], "not a weight-level method"),
