@@ -280,6 +280,10 @@ class SweepArguments:
     eval_splits: list[str] = arg(["validation", "test"], "Splits to evaluate.")
     num_beams: int = arg(4, "Beam size (1 = greedy).")
     length_penalty: float = arg(0.6, "Beam search length penalty.")
+    max_length_a: float = arg(1.5, "Generation length budget per batch: at most a x (longest source in the batch) + b "
+                              "new tokens, and never more than --max_target_length. Keeps beam search affordable on "
+                              "heavily pruned models, which otherwise babble to the limit.")
+    max_length_b: int = arg(10, "See --max_length_a.")
 
 
 @dataclass
@@ -375,6 +379,8 @@ def validate_args(parser, args):
                  "preprocessing_num_workers", "max_tokens_per_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.max_length_a < 0 or args.max_length_b < 0:
+        parser.error(f"--max_length_a and --max_length_b must be >= 0, got {args.max_length_a} and {args.max_length_b}.")
     if args.vocab_size < 16:
         parser.error(f"--vocab_size must be >= 16, got {args.vocab_size}.")
     if args.learning_rate is not None and not args.learning_rate > 0:
@@ -480,6 +486,13 @@ def make_eval_dataloader(dataset, collator, args, accelerator):
     return accelerator.prepare(loader)
 
 
+def generation_budget(attention_mask, args) -> int:
+    """New-token limit for one batch, ``min(max_target_length, floor(a * longest source) + b)`` (fairseq's
+    ``--max-len-a/--max-len-b``). ``attention_mask``: (batch, source_len)."""
+    longest = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
+    return max(1, min(args.max_target_length, int(args.max_length_a * longest) + args.max_length_b))
+
+
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, references, sources, args, accelerator, translations_path=None):
     """Corpus sacreBLEU (detokenised) and teacher-forced per-token accuracy on one split.
@@ -492,8 +505,7 @@ def evaluate(model, loader, tokenizer, references, sources, args, accelerator, t
     unwrapped = accelerator.unwrap_model(model)
     hyps: dict[int, str] = {}
     correct = total = 0
-    gen_kwargs = dict(max_new_tokens=args.max_target_length, num_beams=args.num_beams,
-                      length_penalty=args.length_penalty, early_stopping=True)
+    gen_kwargs = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=True)
     for batch in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
         labels = batch["labels"]
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -503,7 +515,8 @@ def evaluate(model, loader, tokenizer, references, sources, args, accelerator, t
         per_example = accelerator.gather_for_metrics(per_example)
         correct += int(per_example[:, 0].sum())
         total += int(per_example[:, 1].sum())
-        generated = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **gen_kwargs)
+        generated = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=generation_budget(batch["attention_mask"], args), **gen_kwargs)
         generated = accelerator.pad_across_processes(generated, dim=1, pad_index=tokenizer.pad_token_id)
         generated, idx = accelerator.gather_for_metrics((generated, batch["idx"]))
         for i, text in zip(idx.tolist(), tokenizer.batch_decode(generated, skip_special_tokens=True)):

@@ -91,6 +91,33 @@ def test_saved_model_is_plain_and_unpruned_and_eval_only_reproduces_bleu(td_run,
     assert again["bleu"] == pytest.approx(first["bleu"], abs=1e-6)
 
 
+def test_generation_budget_follows_the_longest_source_and_caps_hypotheses(td_run, tmp_path):
+    from types import SimpleNamespace
+
+    budget = SimpleNamespace(max_length_a=1.5, max_length_b=10, max_target_length=128)
+    mask = torch.tensor([[1] * 7 + [0] * 3, [1] * 10])
+    assert wmt_en_de.generation_budget(mask, budget) == 25  # floor(1.5 * 10) + 10
+    assert wmt_en_de.generation_budget(mask, SimpleNamespace(max_length_a=20.0, max_length_b=10,
+                                                             max_target_length=128)) == 128
+    # through the pipeline: a budget of 3 new tokens bounds every hypothesis at every level
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "short"
+    wmt_en_de.main([*data_args(), "--no-do_train", "--model_name_or_path", str(td_run), "--num_beams", "2",
+                    "--max_source_length", "24", "--max_target_length", "12", "--per_device_eval_batch_size", "8",
+                    "--eval_splits", "validation", "--sweep_sparsities", "0", "0.9", "--max_length_a", "0",
+                    "--max_length_b", "3", "--output_dir", str(out)])
+    tok = AutoTokenizer.from_pretrained(td_run)
+    lengths = []
+    for pct in ("00", "90"):
+        rows = (out / "translations" / f"validation-weight-{pct}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        lengths += [len(tok(text_target=row.split("\t")[2], add_special_tokens=False).input_ids) for row in rows]
+    assert len(lengths) == 24 and max(lengths) <= 3 and max(lengths) > 0
+    default_rows = (td_run / "translations" / "validation-weight-90.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    full = [len(tok(text_target=row.split("\t")[2], add_special_tokens=False).input_ids) for row in default_rows]
+    assert max(full) > 3  # the default budget lets the same model generate longer hypotheses
+
+
 def test_combine_runs_writes_paper_tables(td_run, tmp_path):
     wmt_en_de.main(["--combine_runs", str(td_run), str(td_run), "--output_dir", str(tmp_path)])
     table = json.loads((tmp_path / "table-validation-weight-bleu.json").read_text())
@@ -225,6 +252,7 @@ def test_mismatched_line_counts_cli(tmp_path, capsys):
     (["--td_schedule", "linear"], "--td_schedule linear needs exactly one of --td_ramp_fraction / --td_ramp_steps."),
     (["--sweep_sparsities", "0.5", "0.5"], "--sweep_sparsities must be distinct"),
     (["--max_tokens_per_batch", "0"], "--max_tokens_per_batch must be >= 1, got 0."),
+    (["--max_length_a", "-1"], "--max_length_a and --max_length_b must be >= 0, got -1.0 and 10."),
 ])
 def test_bad_flags_one_line_exit_2(tmp_path, capsys, bad, message):
     out = tmp_path / "o"
