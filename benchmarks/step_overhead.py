@@ -35,7 +35,7 @@ import time
 import torch
 from torch import nn
 
-from hf_tdrop import TargetedDropoutConfig, layers, patch_model, targeted_layers
+from hf_tdrop import TargetedDropoutConfig, layers, masking, patch_model, targeted_layers
 
 logger = logging.getLogger("step_overhead")
 
@@ -65,8 +65,16 @@ RERANKED = "tdrop weight, ranked every micro-batch"
 micro-batch (the library reuses it within an optimizer step); the difference is the saving."""
 
 
+def other_selection_label(device: torch.device) -> str:
+    """With --compare_selection: weight mode through the selection path the device does not use by
+    default (sync-free on CPU, host-synchronising on an accelerator); see masking.SYNC_FREE_DEVICE_TYPES."""
+    path = "host-synchronising" if device.type in masking.SYNC_FREE_DEVICE_TYPES else "sync-free"
+    return f"tdrop weight, {path} selection"
+
+
 def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int,
-                  accumulation: int = 1) -> dict[str, nn.Module]:
+                  accumulation: int = 1, compare_selection: bool = False,
+                  device: torch.device = torch.device("cpu")) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = build(arch, layers, 0.0)
     variants = {"unpatched": base, "nn.Dropout p=0.1": build(arch, layers, 0.1)}
@@ -87,29 +95,42 @@ def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int,
         model.load_state_dict(base.state_dict())
         patch_model(model, config=TargetedDropoutConfig(alpha=ALPHA, gamma=GAMMA, mode="weight"))
         variants[RERANKED] = model
+    if compare_selection and "weight" in modes:
+        model = build(arch, layers, 0.0)
+        model.load_state_dict(base.state_dict())
+        patch_model(model, config=TargetedDropoutConfig(alpha=ALPHA, gamma=GAMMA, mode="weight"))
+        variants[other_selection_label(device)] = model
     for model in variants.values():
-        model.train()
+        model.to(device).train()
     return variants
 
 
 @contextlib.contextmanager
-def reranking(on: bool):
-    """Inside: patched layers rank their targeted set at every forward (no reuse within a step)."""
-    previous = layers._REUSE_WITHIN_STEP
-    layers._REUSE_WITHIN_STEP = not on
+def variant_context(name: str, device: torch.device):
+    """Inside: the library behaves as the variant ``name`` needs. ``RERANKED``: patched layers rank
+    their targeted set at every forward (no reuse within a step); the other-selection variant: the
+    device type's selection path is switched (sync-free <-> host-synchronising)."""
+    previous_reuse, previous_types = layers._REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES
+    if name == RERANKED:
+        layers._REUSE_WITHIN_STEP = False
+    if name == other_selection_label(device):
+        masking.SYNC_FREE_DEVICE_TYPES = previous_types ^ {device.type}
     try:
         yield
     finally:
-        layers._REUSE_WITHIN_STEP = previous
+        layers._REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES = previous_reuse, previous_types
 
 
 def step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, accumulation: int = 1) -> None:
-    """One optimizer step over ``accumulation`` micro-batches of ``ids`` each."""
+    """One optimizer step over ``accumulation`` micro-batches of ``ids`` each (on an accelerator,
+    waited for, so that the clocks see the whole step)."""
     for _ in range(accumulation):
         out = model(input_ids=ids).last_hidden_state
         (out.float().square().mean() / accumulation).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)
 
 
 def saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
@@ -179,28 +200,45 @@ def main(argv=None) -> None:
     parser.add_argument("--profile_ops", type=int, default=0,
                         help="After the timings of each token count, profile this many steps of 'tdrop weight' and "
                              "of the unpatched model and print where the extra time goes, op by op (0 = skip).")
+    parser.add_argument("--device", default="cpu",
+                        help="Where the models run: cpu, or cuda / cuda:N (on an accelerator the ratios use wall "
+                             "time, since the process's CPU time no longer measures the step).")
+    parser.add_argument("--compare_selection", action="store_true",
+                        help="Add weight mode through the other selection path: sync-free on CPU, "
+                             "host-synchronising on an accelerator (masking.SYNC_FREE_DEVICE_TYPES).")
     args = parser.parse_args(argv)
     if args.gradient_accumulation_steps < 1 or args.threads < 1:
         parser.error("--gradient_accumulation_steps and --threads must be >= 1.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: not a torch device: {args.device!r} (e.g. cpu, cuda, cuda:1).")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available in this torch build or machine.")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     seq = 128
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers, "
+    clock = "CPU" if device.type == "cpu" else "wall"
+    where = "" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, "
+    print(f"torch {torch.__version__}, {where}{torch.get_num_threads()} threads, {args.layers} layers, "
           f"alpha={ALPHA} gamma={GAMMA} (nm 2:4: gamma={NM_GAMMA:g}), {args.optimizer} lr={args.lr}, "
           f"{args.gradient_accumulation_steps} micro-batch(es) per step, {args.trials} timed (unpatched, variant) pairs "
-          f"per variant\n")
-    print("| model | tokens | variant | CPU ms/step (median) | CPU ms/step (min) | ratio (paired median) | "
+          f"per variant; ratios of {clock} time\n")
+    print(f"| model | tokens | variant | {clock} ms/step (median) | {clock} ms/step (min) | ratio (paired median) | "
           "ratio (min/min) | wall ms/step (median) | saved-for-backward MB | extra saved / targeted weight bytes |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     for arch in args.archs:
-        variants = make_variants(arch, args.layers, args.modes, args.refresh_every, args.gradient_accumulation_steps)
+        variants = make_variants(arch, args.layers, args.modes, args.refresh_every, args.gradient_accumulation_steps,
+                                 args.compare_selection, device)
         opts = {k: optimizer_cls(m.parameters(), lr=args.lr) for k, m in variants.items()}
         for tokens in args.tokens:
-            ids = torch.randint(0, 1000, (max(1, tokens // seq), seq))
+            ids = torch.randint(0, 1000, (max(1, tokens // seq), seq)).to(device)
             for name, model in variants.items():
                 for _ in range(args.warmup):
-                    with reranking(name == RERANKED):
+                    with variant_context(name, device):
                         step(model, opts[name], ids, args.gradient_accumulation_steps)
             cpu = {k: [] for k in variants}
             wall = {k: [] for k in variants}
@@ -209,12 +247,12 @@ def main(argv=None) -> None:
             rng = random.Random(0)
 
             def timed(name):
-                with reranking(name == RERANKED):
+                with variant_context(name, device):
                     c0, t0 = time.process_time(), time.perf_counter()
                     step(variants[name], opts[name], ids, args.gradient_accumulation_steps)
                 cpu[name].append(time.process_time() - c0)
                 wall[name].append(time.perf_counter() - t0)
-                return cpu[name][-1]
+                return cpu[name][-1] if clock == "CPU" else wall[name][-1]
 
             for _ in range(args.trials):
                 rng.shuffle(others)
@@ -228,7 +266,8 @@ def main(argv=None) -> None:
                         t = timed(name)
                         ratios[name].append(t / timed("unpatched"))
             ratios["unpatched"] = [1.0]
-            base_min = min(cpu["unpatched"])
+            timing = cpu if clock == "CPU" else wall
+            base_min = min(timing["unpatched"])
             base_saved = saved_bytes(variants["unpatched"], ids)
             for name, model in variants.items():
                 saved = saved_bytes(model, ids)
@@ -236,8 +275,8 @@ def main(argv=None) -> None:
                 if name.startswith("tdrop"):
                     weight_bytes = sum(dict(model.named_modules())[n].weight.nbytes for n in targeted_layers(model))
                     extra = f"{(saved - base_saved) / weight_bytes:.3f}"
-                t_min = min(cpu[name])
-                print(f"| {arch} | {tokens} | {name} | {statistics.median(cpu[name]) * 1e3:.1f} | {t_min * 1e3:.1f} | "
+                t_min = min(timing[name])
+                print(f"| {arch} | {tokens} | {name} | {statistics.median(timing[name]) * 1e3:.1f} | {t_min * 1e3:.1f} | "
                       f"{statistics.median(ratios[name]):.3f} | {t_min / base_min:.3f} | "
                       f"{statistics.median(wall[name]) * 1e3:.1f} | {saved / 2**20:.1f} | {extra} |", flush=True)
             if args.profile_ops and "tdrop weight" in variants:

@@ -11,6 +11,9 @@ when low-precision weights tie (ties go to the lowest index). :func:`lowest_k` i
 selection per row (``topk`` of the smaller side, plus a cumulative count only when ties need
 breaking), never a full sort; :func:`lowest_k_bracketed` gives the same mask for weights that move
 a little between calls (training), mostly by counting against the previous call's thresholds.
+Both read a few values back to the host per call (cheap on CPU, a stall on an accelerator): on the
+device types in :data:`SYNC_FREE_DEVICE_TYPES` they give way to :func:`lowest_k_sync_free`, the
+same mask from one ``topk`` over unique sort keys, with no host synchronisation.
 :func:`targeted_nm` ranks within groups of ``m`` consecutive entries of each row (N:M patterns), by
 ``m`` whole-tensor comparisons instead of a sort.
 """
@@ -106,6 +109,49 @@ def _select_up_to_kth(s: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tenso
     return selected
 
 
+SYNC_FREE_DEVICE_TYPES: frozenset = frozenset({"cuda", "xpu", "mps"})
+"""Device types whose selection avoids every host synchronisation (:func:`lowest_k_sync_free`).
+On CPU, where reading a value back is free, the data-dependent fast paths of :func:`lowest_k` and
+:func:`lowest_k_bracketed` are faster."""
+
+
+def uses_sync_free_selection(scores: torch.Tensor) -> bool:
+    """Whether :func:`lowest_k` / :func:`lowest_k_bracketed` select ``scores`` without host syncs."""
+    return scores.device.type in SYNC_FREE_DEVICE_TYPES
+
+
+def _sort_keys(s: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys ordered like ``(value, index)`` for float32 ranking scores ``s [..., n]``:
+    the value's bits mapped to an order-preserving int32 in the high half, the index in the low half,
+    so ties at a value go to the lowest index, as in :func:`lowest_k`."""
+    bits = (s + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 makes -0.0 equal to +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
+    index = torch.arange(s.shape[-1], device=s.device, dtype=torch.int64)
+    return (ordered << 32) | index
+
+
+def lowest_k_sync_free(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`lowest_k` (the same mask, bit for bit) with no data-dependent control flow: nothing is
+    read back to the host, so an accelerator never waits for the CPU. One ``topk`` of the smaller
+    side over unique keys (float32 scores: value bits and index packed in an int64; float64 scores: a
+    stable sort), then a scatter into a mask with the layout of ``scores``."""
+    n = scores.shape[-1]
+    if k <= 0 or n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    s = _ranking_scores(scores)
+    selected = torch.zeros_like(scores, dtype=torch.bool)
+    if s.dtype == torch.float64:
+        order = torch.sort(s, dim=-1, stable=True).indices
+        return selected.scatter_(-1, order[..., :k], True)
+    keys = _sort_keys(s)
+    if k <= n - k:
+        return selected.scatter_(-1, keys.topk(k, dim=-1, largest=False, sorted=False).indices, True)
+    kept = keys.topk(n - k, dim=-1, largest=True, sorted=False).indices
+    return selected.logical_not_().scatter_(-1, kept, False)
+
+
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest entries of each row of ``scores`` (``[..., n]``).
 
@@ -119,6 +165,8 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
+    if uses_sync_free_selection(scores):
+        return lowest_k_sync_free(scores, k)
     s = _ranking_scores(scores)
     return _select_up_to_kth(s, kth_smallest(s, k), k)
 
@@ -171,13 +219,15 @@ def lowest_k_bracketed(
     smallest value is inside the bracket and is found among the few values in it (compacted and
     sorted), instead of by a ``topk`` over the whole row. Rows where the check fails (values moved
     past the bracket, ``k`` changed by more than the margin) and calls without a bracket use a
-    ``topk``, exactly as :func:`lowest_k`. The margin grows by half when more than 1/8 of the rows fail
+    ``topk``, exactly as :func:`lowest_k`. On the device types of :data:`SYNC_FREE_DEVICE_TYPES` the
+    counting needs the host, so every call is :func:`lowest_k_sync_free` (and no bracket is kept).
+    The margin grows by half when more than 1/8 of the rows fail
     (up to ``n / 16``) and shrinks slowly while fewer than 1/64 do.
     """
     if scores.dim() != 2:
         raise ValueError(f"`scores` must be 2-D [n_rows, n], got shape {tuple(scores.shape)}.")
     n_rows, n = scores.shape
-    if k <= 0 or k >= n or n_rows == 0:
+    if k <= 0 or k >= n or n_rows == 0 or uses_sync_free_selection(scores):
         return lowest_k(scores, k), None
     s = _ranking_scores(scores)
     usable = (
@@ -430,8 +480,9 @@ def _lowest_in_groups(g: torch.Tensor, k: int) -> torch.Tensor:
         rank += g[..., j:j + 1] < g
     selected = rank < k
     # Without ties each group now has exactly k; a tie straddling a group's k-th place gives it
-    # more (never fewer). Only then pay for the index tie-break.
-    if int(selected.sum()) != (selected.numel() // m) * k:
+    # more (never fewer). Only then pay for the index tie-break (on an accelerator, always: checking
+    # would read a count back to the host).
+    if uses_sync_free_selection(g) or int(selected.sum()) != (selected.numel() // m) * k:
         for j in range(m - 1):
             rank[..., j + 1:] += g[..., j:j + 1] == g[..., j + 1:]
         selected = rank < k

@@ -315,3 +315,110 @@ def test_bracketed_targeting_equals_full_sort_over_training(layer_type):
         layer(torch.randn(8, 96)).square().mean().backward()
         opt.step()
         opt.zero_grad()
+
+
+# --------------------------------------------------------------------------------------------------
+# the accelerator path: selection without host synchronisation
+# --------------------------------------------------------------------------------------------------
+
+HOST_SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero")  # .item()/bool()/int() and nonzero read back
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def host_syncs(self):
+        return [op for op in self.ops if op.startswith(HOST_SYNC_OPS)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_sync_free_selection_equals_stable_sort(dtype):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        rows, n = int(torch.randint(1, 7, (), generator=g)), int(torch.randint(1, 50, (), generator=g))
+        if trial % 2:  # heavy ties, negative values and a -0.0
+            scores = torch.randint(-3, 3, (rows, n), generator=g).to(dtype)
+            scores[:, 0] = -0.0
+        else:
+            scores = torch.randn(rows, n, generator=g).to(dtype)
+        for k in range(0, n + 1):
+            got = masking.lowest_k_sync_free(scores, k)
+            assert torch.equal(got, reference_targeted(scores.double(), k)), (trial, k)
+            assert torch.equal(got, masking.lowest_k(scores, k))
+    # the mask keeps the layout of the scores (Conv1D's [n_out, fan_in] view is transposed)
+    scores = torch.randn(16, 8).t()
+    for k in (0, 3, 8):
+        assert masking.lowest_k_sync_free(scores, k).stride() == masking.lowest_k(scores, k).stride() == scores.stride()
+
+
+def _patched_stack(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), Conv1D(32, 16), nn.Conv1d(32, 8, 1))
+    gamma = 1.0 if mode == "nm" else 0.5
+    patch_model(model, config=TargetedDropoutConfig(mode=mode, alpha=0.5, gamma=gamma))
+    return model.train()
+
+
+def _train_steps(model, steps=3):
+    """Targeted sets (per layer, per step) and the host syncs seen in the forward/backward passes."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    sets, syncs = [], []
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        with RecordOps() as rec:
+            y = model[1](model[0](x))
+            y = model[2](y.unsqueeze(-1)).squeeze(-1)
+            y.square().sum().backward()
+        syncs += rec.host_syncs()
+        sets.append([layer.tdrop_state.cached_targeting[-1].clone() for layer in model])
+        opt.step()
+        opt.zero_grad()
+    return sets, syncs
+
+
+@pytest.mark.parametrize("mode", ["weight", "unit", "nm"])
+def test_accelerator_dispatch_selects_the_same_sets_without_host_syncs(mode, monkeypatch):
+    """On the device types of SYNC_FREE_DEVICE_TYPES a training step reads nothing back to the host.
+    Checked on CPU by declaring "cpu" such a type; the CPU path itself does read values back (so the
+    recorder would see a sync), and both give the same targeted sets."""
+    host_sets, host_syncs = _train_steps(_patched_stack(mode))
+    assert host_syncs, "the CPU path is expected to read values back (bracketed counting / tie checks)"
+    monkeypatch.setattr(masking, "SYNC_FREE_DEVICE_TYPES", frozenset({"cpu"}))
+    free_sets, free_syncs = _train_steps(_patched_stack(mode))
+    assert free_syncs == []
+    for host_step, free_step in zip(host_sets, free_sets):
+        for a, b in zip(host_step, free_step):
+            assert torch.equal(a, b)
+    assert masking.uses_sync_free_selection(torch.empty(1, device="meta")) is False
+    monkeypatch.setattr(masking, "SYNC_FREE_DEVICE_TYPES", frozenset({"meta"}))
+    assert masking.uses_sync_free_selection(torch.empty(1, device="meta"))
+
+
+def test_step_overhead_benchmark_compares_both_selection_paths(capsys):
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import step_overhead
+
+    previous_threads = torch.get_num_threads()
+    try:
+        step_overhead.main(["--archs", "bert", "--layers", "1", "--tokens", "128", "--modes", "weight", "--trials", "1",
+                            "--warmup", "0", "--refresh_every", "1", "--compare_selection"])
+    finally:
+        torch.set_num_threads(previous_threads)
+    out = capsys.readouterr().out
+    rows = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| bert | 128 |")]
+    assert rows == ["unpatched", "nn.Dropout p=0.1", "tdrop weight", "tdrop weight, sync-free selection"]
+    assert "ratios of CPU time" in out
+    assert masking.SYNC_FREE_DEVICE_TYPES == frozenset({"cuda", "xpu", "mps"})  # restored after the variant
+    with pytest.raises(SystemExit) as exc:
+        step_overhead.main(["--device", "nonsense"])
+    assert exc.value.code == 2 and "--device: not a torch device: 'nonsense'" in capsys.readouterr().err
