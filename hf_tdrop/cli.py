@@ -244,7 +244,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def _run_prune(args) -> int:
-    from .hub import _check_output_dir, push_pruned_to_hub, save_pruned
+    from .hub import check_output_dir, push_pruned_to_hub, save_pruned
     from .pruning import check_prune_settings
 
     # ---- validate everything before loading or writing anything ------------------------------
@@ -267,7 +267,7 @@ def _run_prune(args) -> int:
         raise UsageError("--overwrite only applies with --output")
     if args.output is not None:
         try:
-            _check_output_dir(args.output, args.overwrite)
+            check_output_dir(args.output, args.overwrite)
         except ValueError as err:
             raise UsageError(str(err).replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
     from huggingface_hub.utils import validate_repo_id

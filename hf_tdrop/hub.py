@@ -50,7 +50,8 @@ PathLike = Union[str, os.PathLike]
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_output_dir(output_dir: Any, overwrite: Any) -> Path:
+def check_output_dir(output_dir: Any, overwrite: Any) -> Path:
+    """``output_dir`` as a ``Path`` if it can be written (missing, or empty unless ``overwrite``), else ``ValueError``."""
     if not isinstance(overwrite, bool):
         raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -334,7 +335,7 @@ def save_pruned(
     """
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise ValueError(f"`model` must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}.")
-    out = _check_output_dir(output_dir, overwrite)
+    out = check_output_dir(output_dir, overwrite)
     if tokenizer_or_processor is not None and not callable(getattr(tokenizer_or_processor, "save_pretrained", None)):
         raise ValueError(
             f"`tokenizer_or_processor` must have a save_pretrained method, got {type(tokenizer_or_processor).__name__}."

@@ -30,9 +30,9 @@ from torch import nn
 from . import masking
 from .batchnorm import BufferSnapshot
 from .config import check_mode, check_target_spec
-from .layers import check_materialized, weight_layout
-from .pruning import _layer_type_name, check_group_fraction, check_method, check_sparsity, pruned
-from .targets import _nothing_selected_message, matches_any, output_head_names, select_layers, supported_layers
+from .layers import check_materialized, layer_type_name, weight_layout
+from .pruning import check_group_fraction, check_method, check_sparsity, pruned
+from .targets import matches_any, nothing_selected_message, output_head_names, select_layers, supported_layers
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """The paper's pruning levels: 0 %, 10 %, ..., 90 %."""
@@ -185,7 +185,7 @@ def sparsity_report(model: nn.Module, target_modules=None, exclude_modules=None)
         excludes = check_target_spec("exclude_modules", exclude_modules)
         selected = [(n, m) for n, m in supported_layers(model) if not matches_any(n, excludes)]
         if not selected:
-            raise ValueError(_nothing_selected_message(supported_layers(model), None, excludes))
+            raise ValueError(nothing_selected_message(supported_layers(model), None, excludes))
     else:
         selected = select_layers(model, target_modules, exclude_modules)
     for name, module in selected:
@@ -202,7 +202,7 @@ def sparsity_report(model: nn.Module, target_modules=None, exclude_modules=None)
             if bias is not None:
                 zero_units &= bias.detach() == 0
             layers.append(LayerSparsity(
-                name=name, type=_layer_type_name(module), shape=tuple(weight.shape), n_weights=w2d.numel(),
+                name=name, type=layer_type_name(module), shape=tuple(weight.shape), n_weights=w2d.numel(),
                 zero_weights=int(zero2d.sum()), n_units=w2d.shape[0], zero_units=int(zero_units.sum()),
                 is_head=name in heads,
             ))

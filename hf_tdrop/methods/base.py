@@ -273,7 +273,7 @@ class Method:
 
     def forward(self, module: nn.Module, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         """The layer's output; default: the layer's own computation."""
-        return module._compute(input, module.weight, module.bias)
+        return module.compute(input, module.weight, module.bias)
 
     def loss(self, module: nn.Module, step: Optional[int]) -> Optional[torch.Tensor]:
         """This layer's term of :func:`regularization_loss` (``step``: optimizer updates done), or None."""
@@ -322,6 +322,10 @@ class MethodLayerMixin:
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         return getattr(self, METHOD_ATTR).handler.forward(self, input)
 
+    def compute(self, input, weight, bias):
+        """The original layer's computation with the given ``weight`` and ``bias`` (defined per layer type)."""
+        raise NotImplementedError
+
     def _unit_shape(self, out: torch.Tensor) -> list[int]:
         return [-1]  # output units on the last dimension (Linear, Conv1D)
 
@@ -331,12 +335,12 @@ class MethodLayerMixin:
 
 
 class MethodLinear(MethodLayerMixin, nn.Linear):
-    def _compute(self, input, weight, bias):
+    def compute(self, input, weight, bias):
         return F.linear(input, weight, bias)
 
 
 class MethodConv1D(MethodLayerMixin, Conv1D):
-    def _compute(self, input, weight, bias):  # weight [in, out]
+    def compute(self, input, weight, bias):  # weight [in, out]
         size_out = input.size()[:-1] + (weight.shape[1],)
         x = input.reshape(-1, input.size(-1))
         out = x @ weight if bias is None else torch.addmm(bias, x, weight)
@@ -344,7 +348,7 @@ class MethodConv1D(MethodLayerMixin, Conv1D):
 
 
 class _MethodConvNd(MethodLayerMixin):
-    def _compute(self, input, weight, bias):
+    def compute(self, input, weight, bias):
         return self._conv_forward(input, weight, bias)
 
     def _unit_shape(self, out):
