@@ -299,7 +299,6 @@ def save_pruned(
     schedule: Optional[Mapping] = None,
     base_model: Optional[str] = None,
     overwrite: bool = False,
-    _repo_id: Optional[str] = None,
 ) -> Path:
     """Save a pruned model as a plain checkpoint plus ``tdrop_config.json`` and a model card.
 
@@ -333,6 +332,19 @@ def save_pruned(
         ValueError: a bad argument or a non-empty ``output_dir`` without ``overwrite``. All arguments are
             checked before anything is written.
     """
+    return _save_pruned(model, output_dir, repo_id=None, tokenizer_or_processor=tokenizer_or_processor, sweep=sweep,
+                        prune_report=prune_report, shrink_report=shrink_report, sparsity=sparsity, mode=mode,
+                        method=method, n=n, m=m, training_config=training_config, schedule=schedule,
+                        base_model=base_model, overwrite=overwrite)
+
+
+def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[str], tokenizer_or_processor: Any = None,
+                 sweep: Any = None, prune_report: Any = None, shrink_report: Any = None,
+                 sparsity: Optional[float] = None, mode: Optional[str] = None, method: Optional[str] = None,
+                 n: Optional[int] = None, m: Optional[int] = None, training_config: Any = None,
+                 schedule: Optional[Mapping] = None, base_model: Optional[str] = None,
+                 overwrite: bool = False) -> Path:
+    """:func:`save_pruned`; ``repo_id`` (the Hub repo it is pushed to, or None) titles the model card."""
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise ValueError(f"`model` must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}.")
     out = check_output_dir(output_dir, overwrite)
@@ -397,7 +409,7 @@ def save_pruned(
         meta["sweep"] = {"runs": [r.run_name for r in runs], "files": sorted(
             p.name for p in out.iterdir() if p.name.startswith(SWEEP_PREFIX + "."))}
     (out / TDROP_CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    card = _model_card(model, meta, base_model=base_model, repo_id=_repo_id, sparsity_md=report.to_markdown(),
+    card = _model_card(model, meta, base_model=base_model, repo_id=repo_id, sparsity_md=report.to_markdown(),
                        shrink_md=shrink_report.to_markdown() if shrink_report is not None else None,
                        sweep_md=sweep_md, sweep_png=sweep_png)
     card.save(out / MODEL_CARD_NAME)
@@ -460,12 +472,12 @@ def push_pruned_to_hub(
             raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
     if token is not None and (not isinstance(token, str) or not token):
         raise ValueError("`token` must be None or a non-empty string.")
-    for forbidden in ("output_dir", "overwrite", "_repo_id"):
+    for forbidden in ("output_dir", "overwrite"):
         if forbidden in save_kwargs:
             raise ValueError(f"push_pruned_to_hub does not take `{forbidden}` (it saves to a temporary directory).")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="hf_tdrop_push_") as tmp:
-        save_pruned(model, tmp, _repo_id=repo_id, **save_kwargs)
+        _save_pruned(model, tmp, repo_id=repo_id, **save_kwargs)
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
                                  commit_message=commit_message, revision=revision, create_pr=create_pr)

@@ -203,6 +203,15 @@ def test_push_uploads_the_saved_folder_without_token(pruned_bert, fake_hub, caps
     assert SENTINEL not in captured.out + captured.err + caplog.text
 
 
+def test_save_pruned_takes_public_arguments_only(tmp_path):
+    import inspect
+
+    assert not [name for name in inspect.signature(save_pruned).parameters if name.startswith("_")]
+    out = save_pruned(tiny_bert(), tmp_path / "local")
+    card = (out / "README.md").read_text()
+    assert "# Pruned model" in card and 'from_pretrained("path/to/this/model")' in card
+
+
 def test_push_with_explicit_token_and_bad_arguments(fake_hub, tmp_path):
     calls, uploaded = fake_hub
     model = tiny_bert()
