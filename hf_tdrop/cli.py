@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .hub import auto_class_for
+from .hub import TDROP_CONFIG_NAME, auto_class_for
 
 logger = logging.getLogger("hf_tdrop.cli")
 
@@ -229,7 +229,7 @@ def _load_preprocessor(model: str, is_local: bool):
 def _training_config_from(model: str, is_local: bool):
     if not is_local:
         return None
-    path = Path(model) / "tdrop_config.json"
+    path = Path(model) / TDROP_CONFIG_NAME
     if not path.is_file():
         return None
     try:

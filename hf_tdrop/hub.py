@@ -32,6 +32,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from .config import TargetedDropoutConfig, check_mode
+from .layers import METHOD_ATTR
 from .patching import CONFIG_ATTR, is_patched, targeted_layers
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo
                 rows.append((label, _fmt_num(pruning[key])))
         if pruning.get("mode") == "nm":
             exact = pruning.get("nm_check", {}).get("exact")
-            note = "" if exact is None else (" (exact in every pruned layer)" if exact else " (NOT exact: see tdrop_config.json)")
+            note = "" if exact is None else (" (exact in every pruned layer)" if exact else f" (NOT exact: see {TDROP_CONFIG_NAME})")
             rows.append(("N:M pattern", f"{pruning['n']}:{pruning['m']}{note}"))
         if "layers" in pruning:
             rows.append(("pruned layers", str(len(pruning["layers"]))))
@@ -360,8 +361,8 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
     pruning = _pruning_info(prune_report, sparsity, mode, method, n, m)
     from .methods.base import method_layers
 
-    with_extra = [(name, layer.tdrop_method.method) for name, layer in method_layers(model)
-                  if layer.tdrop_method.handler.extra_tensors]
+    with_extra = [(name, getattr(layer, METHOD_ATTR).method) for name, layer in method_layers(model)
+                  if getattr(layer, METHOD_ATTR).handler.extra_tensors]
     if with_extra:
         raise ValueError(f"save_pruned: layer {with_extra[0][0]!r} still carries the extra tensors of its training "
                          f"method ({with_extra[0][1]}); call hf_tdrop.finalize_model(model) first, so "

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import masking
 from .config import check_nm
-from .layers import check_materialized, is_patched_layer, layer_type_name, weight_layout
+from .layers import STATE_ATTR, check_materialized, is_patched_layer, layer_type_name, weight_layout
 from .targets import select_layers
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def to_semi_structured(model: nn.Module, target_modules=None, exclude_modules=No
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     selected = select_layers(model, target_modules, exclude_modules)
     linears = [(name, mod) for name, mod in selected if type(mod) is nn.Linear or
-               (is_patched_layer(mod) and mod.tdrop_state.original_class is nn.Linear)]
+               (is_patched_layer(mod) and getattr(mod, STATE_ATTR).original_class is nn.Linear)]
     skipped = [name or "<model>" for name, mod in selected if not any(mod is lin for _, lin in linears)]
     if not linears:
         raise ValueError(f"to_semi_structured converts nn.Linear layers; none among the selected layers {skipped[:8]}.")

@@ -31,6 +31,7 @@ from . import masking
 from .batchnorm import BufferSnapshot
 from .config import check_mode, check_target_spec
 from .layers import check_materialized, layer_type_name, weight_layout
+from .patching import CONFIG_ATTR
 from .pruning import check_group_fraction, check_method, check_sparsity, pruned
 from .targets import matches_any, nothing_selected_message, output_head_names, select_layers, supported_layers
 
@@ -440,7 +441,7 @@ def _parse_metrics(value: Any, sparsity: float) -> dict[str, float]:
 
 
 def _default_run_name(model: nn.Module) -> str:
-    config = getattr(model, "tdrop_config", None)
+    config = getattr(model, CONFIG_ATTR, None)
     if callable(getattr(config, "run_label", None)):
         return config.run_label()
     if config is not None and hasattr(config, "alpha"):

@@ -11,6 +11,7 @@ import torch
 
 from .. import masking
 from ..config import check_fraction
+from ..layers import METHOD_ATTR
 from .base import (
     Method,
     MethodConfig,
@@ -98,6 +99,6 @@ class RandomTarget(Method):
         weight = module.weight
         keep = (~drop).to(weight.dtype) * scale
         if config.mode == "weight":
-            keep = masking.to_weight_layout(keep, weight, getattr(module, "tdrop_method").layout)
+            keep = masking.to_weight_layout(keep, weight, getattr(module, METHOD_ATTR).layout)
             return module.compute(input, weight * keep, module.bias)
         return module.scale_units(module.compute(input, weight, module.bias), keep)
