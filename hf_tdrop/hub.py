@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from ._utils import write_json
 from .config import TargetedDropoutConfig, check_mode
 from .layers import METHOD_ATTR
 from .patching import CONFIG_ATTR, is_patched, targeted_layers
@@ -70,7 +71,7 @@ def check_output_dir(output_dir: Any, overwrite: Any) -> Path:
 def _check_sweep(sweep: Any) -> Optional[list]:
     if sweep is None:
         return None
-    from .reports import SweepResult
+    from .sweeps import SweepResult
 
     runs = [sweep] if isinstance(sweep, SweepResult) else sweep
     if isinstance(runs, (str, bytes)) or not isinstance(runs, Sequence) or not runs or \
@@ -208,7 +209,7 @@ def _fmt_num(value: Any) -> str:
 
 
 def _sweep_markdown(runs: list) -> str:
-    from .reports import combine_sweeps
+    from .sweeps import combine_sweeps
 
     if len(runs) == 1:
         return runs[0].to_markdown()
@@ -409,7 +410,7 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
         sweep_png = _write_sweep(runs, out)
         meta["sweep"] = {"runs": [r.run_name for r in runs], "files": sorted(
             p.name for p in out.iterdir() if p.name.startswith(SWEEP_PREFIX + "."))}
-    (out / TDROP_CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / TDROP_CONFIG_NAME, meta)
     card = _model_card(model, meta, base_model=base_model, repo_id=repo_id, sparsity_md=report.to_markdown(),
                        shrink_md=shrink_report.to_markdown() if shrink_report is not None else None,
                        sweep_md=sweep_md, sweep_png=sweep_png)
@@ -419,7 +420,7 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
 
 def _write_sweep(runs: list, out: Path) -> Optional[str]:
     """Write ``sweep.md/.csv/.json`` (+ ``.png`` if matplotlib works); returns the PNG name or None."""
-    from .reports import plot_sweeps
+    from .sweeps import plot_sweeps
 
     if len(runs) == 1:
         try:
@@ -428,8 +429,7 @@ def _write_sweep(runs: list, out: Path) -> Optional[str]:
             paths = runs[0].save(out, prefix=SWEEP_PREFIX, plot=False)
         return paths["png"].name if "png" in paths else None
     (out / f"{SWEEP_PREFIX}.md").write_text(_sweep_markdown(runs), encoding="utf-8")
-    (out / f"{SWEEP_PREFIX}.json").write_text(
-        json.dumps([r.to_dict() for r in runs], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / f"{SWEEP_PREFIX}.json", [r.to_dict() for r in runs])
     try:
         return plot_sweeps(runs, out / f"{SWEEP_PREFIX}.png").name
     except ImportError:
