@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .hub import TDROP_CONFIG_NAME, auto_class_for
+from .hub import auto_class_for
 
 logger = logging.getLogger("hf_tdrop.cli")
 
@@ -227,14 +227,17 @@ def _load_preprocessor(model: str, is_local: bool):
 
 
 def _training_config_from(model: str, is_local: bool):
+    """The training config saved with a local model (``TargetedDropoutConfig.from_pretrained``), or None."""
     if not is_local:
         return None
-    path = Path(model) / TDROP_CONFIG_NAME
-    if not path.is_file():
-        return None
+    from .config import TargetedDropoutConfig
+
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("targeted_dropout")
-    except (ValueError, AttributeError):
+        return TargetedDropoutConfig.from_pretrained(model)
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        logger.warning("Not recording a training config: %s", _one_line(err))
         return None
 
 

@@ -39,6 +39,8 @@ from .patching import CONFIG_ATTR, is_patched, targeted_layers
 logger = logging.getLogger(__name__)
 
 TDROP_CONFIG_NAME = "tdrop_config.json"
+TRAINING_CONFIG_KEY = "targeted_dropout"
+"""Entry of ``tdrop_config.json`` holding the training config (``TargetedDropoutConfig.to_dict()``) or null."""
 MODEL_CARD_NAME = "README.md"
 SWEEP_PREFIX = "sweep"
 CARD_TAGS = ("hf-tdrop", "targeted-dropout", "pruned")
@@ -224,7 +226,7 @@ def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo
 
     card_data = ModelCardData(library_name="transformers", tags=list(CARD_TAGS), base_model=base_model)
     title = repo_id.split("/")[-1] if repo_id else (f"Pruned {base_model}" if base_model else "Pruned model")
-    pruning, training = meta.get("pruning"), meta.get("targeted_dropout")
+    pruning, training = meta.get("pruning"), meta.get(TRAINING_CONFIG_KEY)
     lines = [f"# {title}", ""]
     intro = ("This model was pruned with [hf-tdrop](https://pypi.org/project/hf-tdrop/), Targeted Dropout "
              "(Gomez et al., 2019, [arXiv:1905.13678](https://arxiv.org/abs/1905.13678)) for Hugging Face "
@@ -392,7 +394,7 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
         "base_model": base_model,
         "architecture": _architecture(model),
         "pruning": pruning,
-        "targeted_dropout": config.to_dict() if config is not None else None,
+        TRAINING_CONFIG_KEY: config.to_dict() if config is not None else None,
         "patched_layers": list(targeted_layers(model)) if is_patched(model) else None,
         "schedule": schedule,
         "sparsity": {"total": report.total, "total_excluding_heads": report.total_excluding_heads},
