@@ -110,15 +110,15 @@ def variant_context(name: str, device: torch.device):
     """Inside: the library behaves as the variant ``name`` needs. ``RERANKED``: patched layers rank
     their targeted set at every forward (no reuse within a step); the other-selection variant: the
     device type's selection path is switched (sync-free <-> host-synchronising)."""
-    previous_reuse, previous_types = layers._REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES
+    previous_reuse, previous_types = layers.REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES
     if name == RERANKED:
-        layers._REUSE_WITHIN_STEP = False
+        layers.REUSE_WITHIN_STEP = False
     if name == other_selection_label(device):
         masking.SYNC_FREE_DEVICE_TYPES = previous_types ^ {device.type}
     try:
         yield
     finally:
-        layers._REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES = previous_reuse, previous_types
+        layers.REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES = previous_reuse, previous_types
 
 
 def step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, accumulation: int = 1) -> None:

@@ -24,19 +24,18 @@ from .methods import (
 from .nm import NMSparsityReport, check_nm_sparsity, to_semi_structured
 from .patching import get_targeting, is_patched, patch_model, set_targeting, targeted_layers, unpatch_model
 from .pruning import METHODS, PruneReport, allowed_methods, prune_model, pruned
-from .reports import (
+from .reports import SparsityReport, sparsity_report
+from .schedules import SCHEDULE_KINDS, TargetingSchedule, TargetingScheduler
+from .shrink import ShrinkReport, shrink_model
+from .sweeps import (
     MetricEvaluator,
-    SparsityReport,
     SweepResult,
     SweepTable,
     combine_sweeps,
     metric_evaluator,
     plot_sweeps,
     prune_sweep,
-    sparsity_report,
 )
-from .schedules import SCHEDULE_KINDS, TargetingSchedule, TargetingScheduler
-from .shrink import ShrinkReport, shrink_model
 
 __version__ = "0.1.0"
 

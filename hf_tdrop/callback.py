@@ -15,10 +15,11 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from ._utils import unwrap_model
 from .batchnorm import DEFAULT_RECALIBRATION_BATCHES, check_num_batches, has_batchnorm, recalibrate_batchnorm
 from .config import TargetedDropoutConfig
 from .patching import CONFIG_ATTR, is_patched, patch_model, set_targeting
-from .schedules import TargetingSchedule, _unwrap, record_schedule
+from .schedules import TargetingSchedule, record_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class TargetedDropoutCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("TargetedDropoutCallback: the Trainer passed no model to on_train_begin.")
-        model = _unwrap(model)
+        model = unwrap_model(model)
         if self.config is not None:
             if not is_patched(model):
                 patch_model(model, config=self.config)
@@ -193,7 +194,7 @@ class RegularizationCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from .methods.base import method_layers
 
-        if model is None or not method_layers(_unwrap(model)):
+        if model is None or not method_layers(unwrap_model(model)):
             raise ValueError("RegularizationCallback: the model has no layer patched with a training method; "
                              "call hf_tdrop.patch_model(model, config=...) before Trainer.train().")
 
@@ -203,7 +204,7 @@ class RegularizationCallback(TrainerCallback):
         from .methods.base import regularization_loss
 
         with torch.enable_grad():
-            loss = regularization_loss(_unwrap(model), step=state.global_step)
+            loss = regularization_loss(unwrap_model(model), step=state.global_step)
         self._last = float(loss.detach())
         if not loss.requires_grad:
             return

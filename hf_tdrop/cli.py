@@ -227,14 +227,17 @@ def _load_preprocessor(model: str, is_local: bool):
 
 
 def _training_config_from(model: str, is_local: bool):
+    """The training config saved with a local model (``TargetedDropoutConfig.from_pretrained``), or None."""
     if not is_local:
         return None
-    path = Path(model) / "tdrop_config.json"
-    if not path.is_file():
-        return None
+    from .config import TargetedDropoutConfig
+
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("targeted_dropout")
-    except (ValueError, AttributeError):
+        return TargetedDropoutConfig.from_pretrained(model)
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        logger.warning("Not recording a training config: %s", _one_line(err))
         return None
 
 
@@ -244,7 +247,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def _run_prune(args) -> int:
-    from .hub import _check_output_dir, push_pruned_to_hub, save_pruned
+    from .hub import check_output_dir, push_pruned_to_hub, save_pruned
     from .pruning import check_prune_settings
 
     # ---- validate everything before loading or writing anything ------------------------------
@@ -267,7 +270,7 @@ def _run_prune(args) -> int:
         raise UsageError("--overwrite only applies with --output")
     if args.output is not None:
         try:
-            _check_output_dir(args.output, args.overwrite)
+            check_output_dir(args.output, args.overwrite)
         except ValueError as err:
             raise UsageError(str(err).replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
     from huggingface_hub.utils import validate_repo_id

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar, Union
 
 MODES = ("weight", "unit", "nm")
 """Targeting granularities: ``"weight"`` targets the lowest-|w| entries of each output unit's
@@ -15,6 +18,11 @@ incoming weight vector w_o; ``"unit"`` targets whole output units with the lowes
 (the entries an N:M sparsity pattern removes)."""
 
 TargetSpec = Optional[Union[str, Sequence[str]]]
+
+TRAINING_CONFIG_NAME = "tdrop_training_config.json"
+"""File name under which ``save_pretrained`` writes a training config."""
+
+_Config = TypeVar("_Config", bound="ConfigSerializationMixin")
 
 
 def check_fraction(name: str, value: Any, meaning: Optional[str] = None) -> float:
@@ -69,8 +77,84 @@ def check_target_spec(name: str, value: Any) -> Optional[tuple[str, ...]]:
     return items
 
 
+class ConfigSerializationMixin:
+    """JSON round trip of a config dataclass, in the style of peft's ``PeftConfig``: :meth:`to_dict` /
+    :meth:`from_dict`, :meth:`to_json_string`, :meth:`save_pretrained` / :meth:`from_pretrained`."""
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-friendly dict; :meth:`from_dict` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_Config], data: Mapping) -> _Config:
+        """Build a config from :meth:`to_dict`'s output; unknown keys raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} fields {unknown}; allowed: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> Path:
+        """Write the config as JSON to ``save_directory/tdrop_training_config.json`` (the directory
+        is created if missing); returns the file's path."""
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"`save_directory` {str(directory)!r} exists and is not a directory.")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TRAINING_CONFIG_NAME
+        path.write_text(self.to_json_string(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_pretrained(cls: type[_Config], path_or_dir: Union[str, os.PathLike]) -> _Config:
+        """Read a config saved by :meth:`save_pretrained`: its directory or the JSON file itself.
+
+        A directory without ``tdrop_training_config.json`` that :func:`hf_tdrop.save_pruned` wrote
+        gives the training config recorded in its ``tdrop_config.json``.
+
+        Raises:
+            FileNotFoundError: no such file, or no config in the directory.
+            ValueError: the file is not valid JSON or does not hold a valid config of this class.
+        """
+        data, path = _read_config_file(Path(path_or_dir))
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{str(path)!r} does not hold a valid {cls.__name__}: {err}") from None
+
+
+def _read_config_file(path: Path) -> tuple[dict, Path]:
+    """The config dict stored at ``path`` (a directory or a file) and the file it came from."""
+    from .hub import TDROP_CONFIG_NAME, TDROP_FORMAT, TRAINING_CONFIG_KEY
+
+    in_directory = path.is_dir()
+    if in_directory:
+        if (path / TRAINING_CONFIG_NAME).is_file():
+            path = path / TRAINING_CONFIG_NAME
+        elif (path / TDROP_CONFIG_NAME).is_file():
+            path = path / TDROP_CONFIG_NAME
+        else:
+            raise FileNotFoundError(f"No {TRAINING_CONFIG_NAME} or {TDROP_CONFIG_NAME} in {str(path)!r}.")
+    elif not path.is_file():
+        raise FileNotFoundError(f"No such config file or directory: {str(path)!r}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and data.get("format") == TDROP_FORMAT:  # save_pruned's record
+        data = data.get(TRAINING_CONFIG_KEY)
+        if data is None:  # in a directory: as if there were no config file
+            raise (FileNotFoundError if in_directory else ValueError)(f"{str(path)!r} records no training config.")
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} does not hold a config (a JSON object), got {type(data).__name__}.")
+    return data, path
+
+
 @dataclass
-class TargetedDropoutConfig:
+class TargetedDropoutConfig(ConfigSerializationMixin):
     """Targeted dropout settings (Gomez et al., 2019, arXiv:1905.13678).
 
     At every training forward pass of a targeted layer, the ``gamma`` fraction of lowest-magnitude
@@ -148,17 +232,3 @@ class TargetedDropoutConfig:
             raise ValueError(f"`refresh_every` must be an integer >= 1, got {self.refresh_every!r}.")
         if not isinstance(self.extra, dict):
             raise ValueError(f"`extra` must be a dict, got {type(self.extra).__name__}.")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TargetedDropoutConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown TargetedDropoutConfig fields {unknown}; allowed: {sorted(known)}.")
-        return cls(**data)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -31,12 +31,16 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from ._utils import write_json
 from .config import TargetedDropoutConfig, check_mode
+from .layers import METHOD_ATTR
 from .patching import CONFIG_ATTR, is_patched, targeted_layers
 
 logger = logging.getLogger(__name__)
 
 TDROP_CONFIG_NAME = "tdrop_config.json"
+TRAINING_CONFIG_KEY = "targeted_dropout"
+"""Entry of ``tdrop_config.json`` holding the training config (``TargetedDropoutConfig.to_dict()``) or null."""
 MODEL_CARD_NAME = "README.md"
 SWEEP_PREFIX = "sweep"
 CARD_TAGS = ("hf-tdrop", "targeted-dropout", "pruned")
@@ -50,7 +54,8 @@ PathLike = Union[str, os.PathLike]
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_output_dir(output_dir: Any, overwrite: Any) -> Path:
+def check_output_dir(output_dir: Any, overwrite: Any) -> Path:
+    """``output_dir`` as a ``Path`` if it can be written (missing, or empty unless ``overwrite``), else ``ValueError``."""
     if not isinstance(overwrite, bool):
         raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -68,7 +73,7 @@ def _check_output_dir(output_dir: Any, overwrite: Any) -> Path:
 def _check_sweep(sweep: Any) -> Optional[list]:
     if sweep is None:
         return None
-    from .reports import SweepResult
+    from .sweeps import SweepResult
 
     runs = [sweep] if isinstance(sweep, SweepResult) else sweep
     if isinstance(runs, (str, bytes)) or not isinstance(runs, Sequence) or not runs or \
@@ -206,7 +211,7 @@ def _fmt_num(value: Any) -> str:
 
 
 def _sweep_markdown(runs: list) -> str:
-    from .reports import combine_sweeps
+    from .sweeps import combine_sweeps
 
     if len(runs) == 1:
         return runs[0].to_markdown()
@@ -221,7 +226,7 @@ def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo
 
     card_data = ModelCardData(library_name="transformers", tags=list(CARD_TAGS), base_model=base_model)
     title = repo_id.split("/")[-1] if repo_id else (f"Pruned {base_model}" if base_model else "Pruned model")
-    pruning, training = meta.get("pruning"), meta.get("targeted_dropout")
+    pruning, training = meta.get("pruning"), meta.get(TRAINING_CONFIG_KEY)
     lines = [f"# {title}", ""]
     intro = ("This model was pruned with [hf-tdrop](https://pypi.org/project/hf-tdrop/), Targeted Dropout "
              "(Gomez et al., 2019, [arXiv:1905.13678](https://arxiv.org/abs/1905.13678)) for Hugging Face "
@@ -241,7 +246,7 @@ def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo
                 rows.append((label, _fmt_num(pruning[key])))
         if pruning.get("mode") == "nm":
             exact = pruning.get("nm_check", {}).get("exact")
-            note = "" if exact is None else (" (exact in every pruned layer)" if exact else " (NOT exact: see tdrop_config.json)")
+            note = "" if exact is None else (" (exact in every pruned layer)" if exact else f" (NOT exact: see {TDROP_CONFIG_NAME})")
             rows.append(("N:M pattern", f"{pruning['n']}:{pruning['m']}{note}"))
         if "layers" in pruning:
             rows.append(("pruned layers", str(len(pruning["layers"]))))
@@ -298,7 +303,6 @@ def save_pruned(
     schedule: Optional[Mapping] = None,
     base_model: Optional[str] = None,
     overwrite: bool = False,
-    _repo_id: Optional[str] = None,
 ) -> Path:
     """Save a pruned model as a plain checkpoint plus ``tdrop_config.json`` and a model card.
 
@@ -332,9 +336,22 @@ def save_pruned(
         ValueError: a bad argument or a non-empty ``output_dir`` without ``overwrite``. All arguments are
             checked before anything is written.
     """
+    return _save_pruned(model, output_dir, repo_id=None, tokenizer_or_processor=tokenizer_or_processor, sweep=sweep,
+                        prune_report=prune_report, shrink_report=shrink_report, sparsity=sparsity, mode=mode,
+                        method=method, n=n, m=m, training_config=training_config, schedule=schedule,
+                        base_model=base_model, overwrite=overwrite)
+
+
+def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[str], tokenizer_or_processor: Any = None,
+                 sweep: Any = None, prune_report: Any = None, shrink_report: Any = None,
+                 sparsity: Optional[float] = None, mode: Optional[str] = None, method: Optional[str] = None,
+                 n: Optional[int] = None, m: Optional[int] = None, training_config: Any = None,
+                 schedule: Optional[Mapping] = None, base_model: Optional[str] = None,
+                 overwrite: bool = False) -> Path:
+    """:func:`save_pruned`; ``repo_id`` (the Hub repo it is pushed to, or None) titles the model card."""
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise ValueError(f"`model` must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}.")
-    out = _check_output_dir(output_dir, overwrite)
+    out = check_output_dir(output_dir, overwrite)
     if tokenizer_or_processor is not None and not callable(getattr(tokenizer_or_processor, "save_pretrained", None)):
         raise ValueError(
             f"`tokenizer_or_processor` must have a save_pretrained method, got {type(tokenizer_or_processor).__name__}."
@@ -347,8 +364,8 @@ def save_pruned(
     pruning = _pruning_info(prune_report, sparsity, mode, method, n, m)
     from .methods.base import method_layers
 
-    with_extra = [(name, layer.tdrop_method.method) for name, layer in method_layers(model)
-                  if layer.tdrop_method.handler.extra_tensors]
+    with_extra = [(name, getattr(layer, METHOD_ATTR).method) for name, layer in method_layers(model)
+                  if getattr(layer, METHOD_ATTR).handler.extra_tensors]
     if with_extra:
         raise ValueError(f"save_pruned: layer {with_extra[0][0]!r} still carries the extra tensors of its training "
                          f"method ({with_extra[0][1]}); call hf_tdrop.finalize_model(model) first, so "
@@ -377,7 +394,7 @@ def save_pruned(
         "base_model": base_model,
         "architecture": _architecture(model),
         "pruning": pruning,
-        "targeted_dropout": config.to_dict() if config is not None else None,
+        TRAINING_CONFIG_KEY: config.to_dict() if config is not None else None,
         "patched_layers": list(targeted_layers(model)) if is_patched(model) else None,
         "schedule": schedule,
         "sparsity": {"total": report.total, "total_excluding_heads": report.total_excluding_heads},
@@ -395,8 +412,8 @@ def save_pruned(
         sweep_png = _write_sweep(runs, out)
         meta["sweep"] = {"runs": [r.run_name for r in runs], "files": sorted(
             p.name for p in out.iterdir() if p.name.startswith(SWEEP_PREFIX + "."))}
-    (out / TDROP_CONFIG_NAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    card = _model_card(model, meta, base_model=base_model, repo_id=_repo_id, sparsity_md=report.to_markdown(),
+    write_json(out / TDROP_CONFIG_NAME, meta)
+    card = _model_card(model, meta, base_model=base_model, repo_id=repo_id, sparsity_md=report.to_markdown(),
                        shrink_md=shrink_report.to_markdown() if shrink_report is not None else None,
                        sweep_md=sweep_md, sweep_png=sweep_png)
     card.save(out / MODEL_CARD_NAME)
@@ -405,7 +422,7 @@ def save_pruned(
 
 def _write_sweep(runs: list, out: Path) -> Optional[str]:
     """Write ``sweep.md/.csv/.json`` (+ ``.png`` if matplotlib works); returns the PNG name or None."""
-    from .reports import plot_sweeps
+    from .sweeps import plot_sweeps
 
     if len(runs) == 1:
         try:
@@ -414,8 +431,7 @@ def _write_sweep(runs: list, out: Path) -> Optional[str]:
             paths = runs[0].save(out, prefix=SWEEP_PREFIX, plot=False)
         return paths["png"].name if "png" in paths else None
     (out / f"{SWEEP_PREFIX}.md").write_text(_sweep_markdown(runs), encoding="utf-8")
-    (out / f"{SWEEP_PREFIX}.json").write_text(
-        json.dumps([r.to_dict() for r in runs], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / f"{SWEEP_PREFIX}.json", [r.to_dict() for r in runs])
     try:
         return plot_sweeps(runs, out / f"{SWEEP_PREFIX}.png").name
     except ImportError:
@@ -459,12 +475,12 @@ def push_pruned_to_hub(
             raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
     if token is not None and (not isinstance(token, str) or not token):
         raise ValueError("`token` must be None or a non-empty string.")
-    for forbidden in ("output_dir", "overwrite", "_repo_id"):
+    for forbidden in ("output_dir", "overwrite"):
         if forbidden in save_kwargs:
             raise ValueError(f"push_pruned_to_hub does not take `{forbidden}` (it saves to a temporary directory).")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="hf_tdrop_push_") as tmp:
-        save_pruned(model, tmp, _repo_id=repo_id, **save_kwargs)
+        _save_pruned(model, tmp, repo_id=repo_id, **save_kwargs)
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
                                  commit_message=commit_message, revision=revision, create_pr=create_pr)

@@ -109,7 +109,7 @@ _weight_steps: WeakIdKeyDictionary = WeakIdKeyDictionary()
 """Weight tensor -> :class:`_StepCount`, for the weights of patched layers (by identity, without
 keeping the tensor alive)."""
 _step_hook = None
-_REUSE_WITHIN_STEP = True
+REUSE_WITHIN_STEP = True
 """Reuse a layer's targeted set between forward passes of one optimizer step when its weight did
 not change (gradient accumulation). Only the step-overhead benchmark turns it off, to measure it."""
 
@@ -188,7 +188,7 @@ def targeted_set(module: nn.Module) -> torch.Tensor:
         if cached_gamma == state.gamma and cached_held is held:
             if state.refresh_every > 1 and 0 <= step - cached_step < state.refresh_every:
                 return cached
-            if _REUSE_WITHIN_STEP and step == cached_step and version == cached_version:
+            if REUSE_WITHIN_STEP and step == cached_step and version == cached_version:
                 return cached
     w2d = masking.unit_matrix(weight.detach(), state.layout)
     held2d = None if held is None else masking.unit_matrix(held, state.layout)
@@ -402,6 +402,13 @@ def patch_state(module: nn.Module):
     ``MethodState`` (other methods); both have ``layout``, ``original_class`` and ``name``."""
     state = module.__dict__.get(METHOD_ATTR)
     return state if state is not None else getattr(module, STATE_ATTR)
+
+
+def layer_type_name(module: nn.Module) -> str:
+    """Class name of a supported layer: the original class for a patched one."""
+    state = getattr(module, STATE_ATTR, None) or module.__dict__.get(METHOD_ATTR)
+    original = getattr(state, "original_class", None)
+    return (original or type(module)).__name__
 
 
 def patch_layer(module: nn.Module, state: TargetingState) -> None:

@@ -371,16 +371,6 @@ def sample_drop(targeted: torch.Tensor, alpha: float, generator: Optional[torch.
     return targeted & (random_words(targeted.shape, targeted.device, generator) < threshold)
 
 
-def weight_drop_mask(w2d: torch.Tensor, gamma: float, alpha: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One targeted-dropout draw at weight level: bool ``[n_out, fan_in]``, True = zero this weight."""
-    return sample_drop(targeted_weights(w2d, gamma), alpha, generator)
-
-
-def unit_drop_mask(w2d: torch.Tensor, gamma: float, alpha: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One targeted-dropout draw at unit level: bool ``[n_out]``, True = drop unit o (w_o and its bias)."""
-    return sample_drop(targeted_units(w2d, gamma), alpha, generator)
-
-
 def weight_prune_mask(w2d: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Weight-level magnitude pruning: bool ``[n_out, fan_in]``, True = prune. Same selection as
     targeting with ``gamma = sparsity`` (the paper prunes what it targeted)."""

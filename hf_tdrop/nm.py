@@ -19,7 +19,7 @@ from torch import nn
 
 from . import masking
 from .config import check_nm
-from .layers import check_materialized, is_patched_layer, weight_layout
+from .layers import STATE_ATTR, check_materialized, is_patched_layer, layer_type_name, weight_layout
 from .targets import select_layers
 
 logger = logging.getLogger(__name__)
@@ -118,11 +118,6 @@ class NMSparsityReport:
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self._rows()])
 
 
-def _layer_type_name(module: nn.Module) -> str:
-    state = getattr(module, "tdrop_state", None)
-    return (getattr(state, "original_class", None) or type(module)).__name__
-
-
 def check_nm_sparsity(model: nn.Module, n: int = 2, m: int = 4, target_modules=None,
                       exclude_modules=None) -> NMSparsityReport:
     """Check every selected layer for an exact N:M pattern: no group of ``m`` consecutive inputs of a
@@ -153,7 +148,7 @@ def check_nm_sparsity(model: nn.Module, n: int = 2, m: int = 4, target_modules=N
             w2d = masking.unit_matrix(module.weight.detach(), weight_layout(module))
             counts = masking.nm_group_nonzeros(w2d, m)
             report.layers.append(NMLayerCheck(
-                name=name, type=_layer_type_name(module), shape=tuple(module.weight.shape),
+                name=name, type=layer_type_name(module), shape=tuple(module.weight.shape),
                 n_groups=counts.numel(), violating_groups=int((counts > n).sum()),
                 max_nonzeros=int(counts.max()) if counts.numel() else 0,
                 zero_fraction=float((w2d == 0).sum()) / max(1, w2d.numel()),
@@ -206,7 +201,7 @@ def to_semi_structured(model: nn.Module, target_modules=None, exclude_modules=No
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     selected = select_layers(model, target_modules, exclude_modules)
     linears = [(name, mod) for name, mod in selected if type(mod) is nn.Linear or
-               (is_patched_layer(mod) and mod.tdrop_state.original_class is nn.Linear)]
+               (is_patched_layer(mod) and getattr(mod, STATE_ATTR).original_class is nn.Linear)]
     skipped = [name or "<model>" for name, mod in selected if not any(mod is lin for _, lin in linears)]
     if not linears:
         raise ValueError(f"to_semi_structured converts nn.Linear layers; none among the selected layers {skipped[:8]}.")

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import masking
 from .config import check_fraction, check_mode, check_nm
-from .layers import check_materialized, weight_layout
+from .layers import check_materialized, layer_type_name, weight_layout
 from .targets import select_layers
 
 METHODS = ("magnitude", "random")
@@ -216,12 +216,6 @@ class _LayerPlan:
     info: LayerPruneInfo
 
 
-def _layer_type_name(module: nn.Module) -> str:
-    state = getattr(module, "tdrop_state", None) or module.__dict__.get("tdrop_method")
-    original = getattr(state, "original_class", None)
-    return (original or type(module)).__name__
-
-
 def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method: str,
                 generator: Optional[torch.Generator], n: Optional[int] = None, m: Optional[int] = None,
                 learned: Optional[torch.Tensor] = None) -> _LayerPlan:
@@ -264,7 +258,7 @@ def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method
             bias_mask = unit_mask
     weight_mask = masking.to_weight_layout(mask2d, weight, layout)
     info = LayerPruneInfo(
-        name=name, type=_layer_type_name(module), shape=tuple(weight.shape), n_weights=n_out * fan_in,
+        name=name, type=layer_type_name(module), shape=tuple(weight.shape), n_weights=n_out * fan_in,
         n_units=n_out, pruned_weights=int(mask2d.sum()), pruned_units=units,
         pruned_biases=int(bias_mask.sum()) if bias_mask is not None else 0,
     )

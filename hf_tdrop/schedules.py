@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ._utils import unwrap_model
 from .config import check_fraction
 from .patching import CONFIG_ATTR, set_targeting
 
@@ -223,12 +224,6 @@ def record_schedule(model: nn.Module, schedule: TargetingSchedule) -> None:
         config.extra["schedule"] = schedule.to_dict()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model)
-
-
 class TargetingScheduler:
     """Apply a :class:`TargetingSchedule` to a patched model in a plain PyTorch / accelerate loop.
 
@@ -269,7 +264,7 @@ class TargetingScheduler:
         self._apply()  # raises ValueError if the model is not patched
         if total_steps is not None:
             self.schedule.check_total_steps(total_steps)
-        record_schedule(_unwrap(model), self.schedule)
+        record_schedule(unwrap_model(model), self.schedule)
 
     def _apply(self) -> None:
         values = self.schedule.at(self.last_step)

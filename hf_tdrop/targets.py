@@ -84,11 +84,12 @@ def select_layers(
         selected = [(n, m) for n, m in candidates if matches_any(n, targets)]
     selected = [(n, m) for n, m in selected if not matches_any(n, excludes)]
     if not selected:
-        raise ValueError(_nothing_selected_message(candidates, targets, excludes))
+        raise ValueError(nothing_selected_message(candidates, targets, excludes))
     return selected
 
 
-def _nothing_selected_message(candidates: Iterable[tuple[str, nn.Module]], targets, excludes) -> str:
+def nothing_selected_message(candidates: Iterable[tuple[str, nn.Module]], targets, excludes) -> str:
+    """The error message for patterns that select no layer, listing some ``candidates``."""
     names = [n or "<model itself>" for n, _ in candidates]
     if not names:
         return (

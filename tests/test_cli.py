@@ -91,6 +91,26 @@ def test_console_entry_in_subprocess(checkpoint, tmp_path):
     assert (model.classifier.weight != 0).all()
 
 
+def test_prune_carries_the_saved_training_config_over(checkpoint, tmp_path, capsys, caplog):
+    from hf_tdrop import TargetedDropoutConfig
+
+    config = TargetedDropoutConfig(alpha=0.5, gamma=0.25, mode="unit", extra={"schedule": {"kind": "linear"}})
+    config.save_pretrained(checkpoint)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run(["prune", checkpoint, "--sparsity", "0.5", "--output", first], capsys)[0] == 0
+    meta = json.loads((first / "tdrop_config.json").read_text())
+    assert meta["targeted_dropout"] == config.to_dict() and meta["schedule"] == {"kind": "linear"}
+    # a saved model without tdrop_training_config.json: the config recorded in its tdrop_config.json
+    assert run(["prune", first, "--sparsity", "0.6", "--output", second], capsys)[0] == 0
+    assert json.loads((second / "tdrop_config.json").read_text())["targeted_dropout"] == config.to_dict()
+
+    (checkpoint / "tdrop_training_config.json").write_text("{not json")
+    code, stdout, _ = run(["prune", checkpoint, "--sparsity", "0.5", "--output", tmp_path / "third"], capsys)
+    assert code == 0 and "Saved to" in stdout
+    assert "Not recording a training config" in caplog.text and "is not valid JSON" in caplog.text
+    assert json.loads((tmp_path / "third" / "tdrop_config.json").read_text())["targeted_dropout"] is None
+
+
 def test_help_documents_every_flag(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and "prune" in out and "report" in out

@@ -203,6 +203,29 @@ def test_push_uploads_the_saved_folder_without_token(pruned_bert, fake_hub, caps
     assert SENTINEL not in captured.out + captured.err + caplog.text
 
 
+def test_training_config_reads_back_from_the_saved_record(tmp_path):
+    from hf_tdrop import TargetedDropoutConfig
+
+    config = TargetedDropoutConfig(alpha=0.5, gamma=0.25, mode="unit")
+    with_config = save_pruned(tiny_bert(), tmp_path / "with", training_config=config)
+    assert TargetedDropoutConfig.from_pretrained(with_config) == config
+    assert TargetedDropoutConfig.from_pretrained(with_config / "tdrop_config.json") == config
+    without = save_pruned(tiny_bert(), tmp_path / "without")
+    with pytest.raises(FileNotFoundError, match="records no training config"):
+        TargetedDropoutConfig.from_pretrained(without)
+    with pytest.raises(ValueError, match="records no training config"):
+        TargetedDropoutConfig.from_pretrained(without / "tdrop_config.json")
+
+
+def test_save_pruned_takes_public_arguments_only(tmp_path):
+    import inspect
+
+    assert not [name for name in inspect.signature(save_pruned).parameters if name.startswith("_")]
+    out = save_pruned(tiny_bert(), tmp_path / "local")
+    card = (out / "README.md").read_text()
+    assert "# Pruned model" in card and 'from_pretrained("path/to/this/model")' in card
+
+
 def test_push_with_explicit_token_and_bad_arguments(fake_hub, tmp_path):
     calls, uploaded = fake_hub
     model = tiny_bert()

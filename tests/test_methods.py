@@ -84,6 +84,15 @@ def test_config_round_trips_through_dict_and_json(key):
     assert config_from_dict(json.loads(config.to_json_string())) == config
 
 
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_config_round_trips_through_save_pretrained(key, tmp_path):
+    config = CONFIGS[key]
+    config.save_pretrained(tmp_path)
+    assert type(config).from_pretrained(tmp_path) == config == MethodConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not hold a valid TargetedDropoutConfig"):
+        TargetedDropoutConfig.from_pretrained(tmp_path)
+
+
 def test_config_from_dict_without_method_is_targeted_dropout():
     td = TargetedDropoutConfig(alpha=0.5, gamma=0.25)
     assert config_from_dict(td.to_dict()) == td

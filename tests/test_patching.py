@@ -322,6 +322,46 @@ def test_config_object_and_metadata():
     assert get_targeting(model) == {"alpha": 0.66, "gamma": 0.75, "mode": "unit"}
 
 
+def test_config_save_pretrained_round_trip(tmp_path):
+    import json
+
+    cfg = TargetedDropoutConfig(alpha=0.66, gamma=0.75, mode="nm", n=1, m=4, target_modules=["query"],
+                                refresh_every=3, extra={"schedule": {"kind": "linear", "ramp_steps": 10}})
+    path = cfg.save_pretrained(tmp_path / "run")
+    assert path == tmp_path / "run" / "tdrop_training_config.json"
+    assert json.loads(path.read_text()) == cfg.to_dict()
+    assert TargetedDropoutConfig.from_pretrained(tmp_path / "run") == cfg
+    assert TargetedDropoutConfig.from_pretrained(str(path)) == cfg
+
+
+def test_config_from_pretrained_errors_name_the_path(tmp_path):
+    missing = tmp_path / "missing"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tdrop_training_config.json").write_text("{not json")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text('{"alpha": 1.5, "gamma": 0.5}')
+    incomplete = tmp_path / "incomplete.json"
+    incomplete.write_text('{"gamma": 0.5}')
+    for path, error, message in [
+        (missing, FileNotFoundError, "No such config file or directory"),
+        (empty, FileNotFoundError, "No tdrop_training_config.json or tdrop_config.json in"),
+        (bad, ValueError, "is not valid JSON"),
+        (listed, ValueError, "does not hold a config"),
+        (invalid, ValueError, r"does not hold a valid TargetedDropoutConfig: `alpha` must be in \[0, 1\]"),
+        (incomplete, ValueError, "does not hold a valid TargetedDropoutConfig"),
+    ]:
+        with pytest.raises(error, match=message) as info:
+            TargetedDropoutConfig.from_pretrained(path)
+        assert path.name in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        TargetedDropoutConfig(alpha=0.1, gamma=0.1).save_pretrained(listed)
+
+
 def test_drop_targeted_at_eval_and_rescale():
     torch.manual_seed(0)
     layer = nn.Linear(10, 4, bias=False)

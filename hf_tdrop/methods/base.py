@@ -26,7 +26,6 @@ layer classes (:mod:`hf_tdrop.layers`) and is listed in the registry under ``"ta
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -37,7 +36,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import masking
-from ..config import TargetSpec, check_target_spec
+from ..config import ConfigSerializationMixin, TargetSpec, check_target_spec
 from ..layers import METHOD_ATTR, SUPPORTED_LAYERS, check_materialized
 
 CRITERION_ATTR = "tdrop_criterion"
@@ -92,7 +91,7 @@ def check_flag(name: str, value: Any) -> bool:
 
 
 @dataclass(kw_only=True)
-class MethodConfig:
+class MethodConfig(ConfigSerializationMixin):
     """Base class of the method configs (all fields but the method's own are keyword-only).
 
     Args:
@@ -132,14 +131,7 @@ class MethodConfig:
             return config_class(name).from_dict(data)
         if name is not None and name != cls.method:
             raise ValueError(f"{cls.__name__}.from_dict got method={name!r}, expected {cls.method!r}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown {cls.__name__} fields {unknown}; allowed: {sorted(known)}.")
-        return cls(**data)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return super().from_dict(data)
 
     def run_label(self) -> str:
         """A short label for tables and sweeps, e.g. ``"l0 weight λ=0.001"``."""
@@ -273,7 +265,7 @@ class Method:
 
     def forward(self, module: nn.Module, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         """The layer's output; default: the layer's own computation."""
-        return module._compute(input, module.weight, module.bias)
+        return module.compute(input, module.weight, module.bias)
 
     def loss(self, module: nn.Module, step: Optional[int]) -> Optional[torch.Tensor]:
         """This layer's term of :func:`regularization_loss` (``step``: optimizer updates done), or None."""
@@ -322,6 +314,10 @@ class MethodLayerMixin:
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         return getattr(self, METHOD_ATTR).handler.forward(self, input)
 
+    def compute(self, input, weight, bias):
+        """The original layer's computation with the given ``weight`` and ``bias`` (defined per layer type)."""
+        raise NotImplementedError
+
     def _unit_shape(self, out: torch.Tensor) -> list[int]:
         return [-1]  # output units on the last dimension (Linear, Conv1D)
 
@@ -331,12 +327,12 @@ class MethodLayerMixin:
 
 
 class MethodLinear(MethodLayerMixin, nn.Linear):
-    def _compute(self, input, weight, bias):
+    def compute(self, input, weight, bias):
         return F.linear(input, weight, bias)
 
 
 class MethodConv1D(MethodLayerMixin, Conv1D):
-    def _compute(self, input, weight, bias):  # weight [in, out]
+    def compute(self, input, weight, bias):  # weight [in, out]
         size_out = input.size()[:-1] + (weight.shape[1],)
         x = input.reshape(-1, input.size(-1))
         out = x @ weight if bias is None else torch.addmm(bias, x, weight)
@@ -344,7 +340,7 @@ class MethodConv1D(MethodLayerMixin, Conv1D):
 
 
 class _MethodConvNd(MethodLayerMixin):
-    def _compute(self, input, weight, bias):
+    def compute(self, input, weight, bias):
         return self._conv_forward(input, weight, bias)
 
     def _unit_shape(self, out):

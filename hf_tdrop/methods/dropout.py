@@ -45,11 +45,11 @@ class Dropout(Method):
     def forward(self, module, input):  # noqa: A002
         config: DropoutConfig = settings(module)
         if not module.training or config.rate == 0.0:
-            return module._compute(input, module.weight, module.bias)
+            return module.compute(input, module.weight, module.bias)
         weight = module.weight
         scale = 1.0 / (1.0 - config.rate) if config.rescale else 1.0
         if config.mode == "weight":
             keep = (torch.rand(weight.shape, device=weight.device) >= config.rate).to(weight.dtype)
-            return module._compute(input, weight * (keep * scale), module.bias)
+            return module.compute(input, weight * (keep * scale), module.bias)
         keep = (torch.rand(n_units(module), device=weight.device) >= config.rate).to(weight.dtype)
-        return module.scale_units(module._compute(input, weight, module.bias), keep * scale)
+        return module.scale_units(module.compute(input, weight, module.bias), keep * scale)

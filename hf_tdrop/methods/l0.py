@@ -113,7 +113,7 @@ class L0(Method):
         return module.weight * (gates if settings(module).mode == "weight" else per_unit(module, gates))
 
     def forward(self, module, input):  # noqa: A002
-        return module._compute(input, self._gated_weight(module, self._gates(module)), module.bias)
+        return module.compute(input, self._gated_weight(module, self._gates(module)), module.bias)
 
     def loss(self, module, step):
         config: L0Config = settings(module)

@@ -11,6 +11,7 @@ import torch
 
 from .. import masking
 from ..config import check_fraction
+from ..layers import METHOD_ATTR
 from .base import (
     Method,
     MethodConfig,
@@ -87,7 +88,7 @@ class RandomTarget(Method):
     def forward(self, module, input):  # noqa: A002
         config: RandomTargetConfig = settings(module)
         if not module.training and not config.drop_targeted_at_eval:
-            return module._compute(input, module.weight, module.bias)
+            return module.compute(input, module.weight, module.bias)
         targeted = targeted_set(module)
         if module.training:
             drop = targeted & (torch.rand(targeted.shape, device=targeted.device) < config.alpha)
@@ -98,6 +99,6 @@ class RandomTarget(Method):
         weight = module.weight
         keep = (~drop).to(weight.dtype) * scale
         if config.mode == "weight":
-            keep = masking.to_weight_layout(keep, weight, getattr(module, "tdrop_method").layout)
-            return module._compute(input, weight * keep, module.bias)
-        return module.scale_units(module._compute(input, weight, module.bias), keep)
+            keep = masking.to_weight_layout(keep, weight, getattr(module, METHOD_ATTR).layout)
+            return module.compute(input, weight * keep, module.bias)
+        return module.scale_units(module.compute(input, weight, module.bias), keep)

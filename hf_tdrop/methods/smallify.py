@@ -76,7 +76,7 @@ class Smallify(Method):
         if module.training:
             update_mask(module)
         gates = getattr(module, SWITCH) * getattr(module, MASK)
-        return module.scale_units(module._compute(input, module.weight, module.bias), gates)
+        return module.scale_units(module.compute(input, module.weight, module.bias), gates)
 
     def loss(self, module, step):
         return settings(module).l1 * getattr(module, SWITCH).abs().sum()

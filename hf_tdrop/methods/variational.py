@@ -98,9 +98,9 @@ class VariationalDropout(Method):
         weight = module.weight
         if not module.training:
             keep = (self._log_alpha(module) < settings(module).threshold).to(weight.dtype)
-            return module._compute(input, weight * keep, module.bias)
-        mean = module._compute(input, weight, module.bias)
-        var = module._compute(input * input, torch.exp(self._log_alpha(module)) * weight * weight, None)
+            return module.compute(input, weight * keep, module.bias)
+        mean = module.compute(input, weight, module.bias)
+        var = module.compute(input * input, torch.exp(self._log_alpha(module)) * weight * weight, None)
         return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
 
     def loss(self, module, step):
