@@ -19,7 +19,7 @@ from torch import nn
 
 from . import masking
 from .config import check_nm
-from .layers import STATE_ATTR, check_materialized, is_patched_layer, layer_type_name, weight_layout
+from .layers import check_materialized, is_patched_layer, layer_type_name, patch_state, weight_layout
 from .targets import select_layers
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def to_semi_structured(model: nn.Module, target_modules=None, exclude_modules=No
 
     Raises:
         ValueError: ``model`` not a module; bad patterns; no ``nn.Linear`` selected; or a selected
-            Linear that is patched for targeted dropout (``unpatch_model`` first), not
+            Linear that is patched for training (targeted dropout or another method: ``unpatch_model`` first), not
             float16/bfloat16, of a shape the sparse
             kernel does not take (``[out, in]`` both multiples of its minimum block, e.g. 16 x 16 for
             cuSPARSELt, 32 x 64 for CUTLASS), or not exactly 2:4 (some group of 4 consecutive inputs
@@ -201,7 +201,7 @@ def to_semi_structured(model: nn.Module, target_modules=None, exclude_modules=No
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     selected = select_layers(model, target_modules, exclude_modules)
     linears = [(name, mod) for name, mod in selected if type(mod) is nn.Linear or
-               (is_patched_layer(mod) and getattr(mod, STATE_ATTR).original_class is nn.Linear)]
+               (is_patched_layer(mod) and patch_state(mod).original_class is nn.Linear)]
     skipped = [name or "<model>" for name, mod in selected if not any(mod is lin for _, lin in linears)]
     if not linears:
         raise ValueError(f"to_semi_structured converts nn.Linear layers; none among the selected layers {skipped[:8]}.")
@@ -212,7 +212,7 @@ def to_semi_structured(model: nn.Module, target_modules=None, exclude_modules=No
             label = name or "<model>"
             weight = module.weight
             if is_patched_layer(module):
-                problems.append(f"{label}: patched for targeted dropout (call unpatch_model(model) first)")
+                problems.append(f"{label}: patched for training by hf_tdrop (call unpatch_model(model) first)")
                 continue
             check_materialized(module, name, "to_semi_structured")
             if weight.dtype not in SEMI_STRUCTURED_DTYPES:

@@ -323,8 +323,14 @@ def test_to_semi_structured_errors_are_clear_on_cpu():
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing converted
     patched = _two_four_linear()
     patch_model(patched, alpha=0.5, gamma=0.5, target_modules=["0"])
-    with pytest.raises(ValueError, match="patched for targeted dropout"):
+    with pytest.raises(ValueError, match="patched for training by hf_tdrop"):
         to_semi_structured(patched, target_modules=["0"])
+    from hf_tdrop import L1Config
+
+    with_method = _two_four_linear()
+    patch_model(with_method, config=L1Config(target_modules=["0"]))  # patched with another method
+    with pytest.raises(ValueError, match="0: patched for"):
+        to_semi_structured(with_method, target_modules=["0"])
     with pytest.raises(ValueError, match="converts nn.Linear layers"):
         to_semi_structured(nn.Sequential(nn.Conv2d(3, 4, 3)))
 
