@@ -30,6 +30,19 @@ def read_json(path: PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+class JsonFileMixin:
+    """``to_json(path)`` / ``from_json(path)`` for a class with ``to_dict()`` / ``from_dict(data)``."""
+
+    def to_json(self, path: PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON (floats at full precision); returns the path."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: PathLike):
+        """Read a file written by :meth:`to_json`."""
+        return cls.from_dict(read_json(path))
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Optional[Sequence[str]] = None) -> str:
     """A GitHub Markdown table with padded columns; ``align`` per column: ``"l"``, ``"r"`` or ``"c"``
     (default: first column left, the others right)."""

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._utils import markdown_table, read_json, write_json
+from ._utils import JsonFileMixin, markdown_table
 from .batchnorm import BufferSnapshot
 from .config import check_mode
 from .patching import CONFIG_ATTR
@@ -81,7 +81,7 @@ def _as_float_list(values: Any, name: str) -> list[float]:
 
 
 @dataclass
-class SweepResult:
+class SweepResult(JsonFileMixin):
     """Metrics of one model at several pruning levels (one run = one column of the paper's tables).
 
     Attributes:
@@ -168,15 +168,6 @@ class SweepResult:
         return cls(run_name=data["run_name"], mode=data["mode"], method=data["method"],
                    sparsities=data["sparsities"], metrics=data["metrics"],
                    pruned_fraction=data.get("pruned_fraction"), recalibration=data.get("recalibration"))
-
-    def to_json(self, path: PathLike) -> Path:
-        """Write the result as JSON (floats at full precision); returns the path."""
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def from_json(cls, path: PathLike) -> "SweepResult":
-        """Read a result written by :meth:`to_json`."""
-        return cls.from_dict(read_json(path))
 
     def to_csv(self, path: PathLike) -> Path:
         """Write ``sparsity,<metric>...,pruned_fraction`` rows (full-precision floats); returns the path."""
@@ -554,7 +545,7 @@ def metric_evaluator(
 
 
 @dataclass
-class SweepTable:
+class SweepTable(JsonFileMixin):
     """Several runs side by side, shaped like the paper's tables.
 
     Attributes:
@@ -588,13 +579,6 @@ class SweepTable:
             raise ValueError(f"Sweep table is missing fields {missing}.")
         return cls(metric=data["metric"], columns=list(data["columns"]), sparsities=list(data["sparsities"]),
                    values=[list(r) for r in data["values"]])
-
-    def to_json(self, path: PathLike) -> Path:
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def from_json(cls, path: PathLike) -> "SweepTable":
-        return cls.from_dict(read_json(path))
 
     def to_csv(self, path: PathLike) -> Path:
         """Write ``sparsity,<run>,<run>...`` rows; a missing value is an empty cell."""
