@@ -586,7 +586,9 @@ def combine_runs(args):
     summary = {}
     for stem, results in sorted(found.items()):
         if len(results) != len(args.combine_runs):
-            logger.warning(f"{stem}: only {len(results)} of {len(args.combine_runs)} runs have it; skipped")
+            # no Accelerator here (combining runs starts none): the standard library's logger
+            logging.getLogger(__name__).warning(f"{stem}: only {len(results)} of {len(args.combine_runs)} runs have it; "
+                                                "skipped")
             continue
         for metric in results[0].metric_names():
             table = combine_sweeps(results, metric, labels=names)

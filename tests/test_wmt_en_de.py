@@ -126,6 +126,23 @@ def test_combine_runs_writes_paper_tables(td_run, tmp_path):
     assert (tmp_path / "plot-validation-weight.png").is_file()
 
 
+def test_combine_runs_skips_a_sweep_some_runs_lack(td_run, tmp_path, caplog):
+    """A sweep only some runs have (here: a unit sweep) is left out with a warning; the rest is combined."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(td_run / "sweeps", other / "sweeps")
+    unit = json.loads((other / "sweeps" / "sweep-validation-weight.json").read_text())
+    unit["mode"] = "unit"
+    (other / "sweeps" / "sweep-validation-unit.json").write_text(json.dumps(unit))
+    out = tmp_path / "tables"
+    with caplog.at_level("WARNING"):
+        wmt_en_de.main(["--combine_runs", str(td_run), str(other), "--output_dir", str(out)])
+    assert "sweep-validation-unit: only 1 of 2 runs have it; skipped" in caplog.text
+    assert (out / "table-validation-weight-bleu.json").is_file()
+    assert not (out / "table-validation-unit-bleu.json").exists()
+
+
 @pytest.mark.parametrize("batching", [[], ["--max_tokens_per_batch", "96"]], ids=["sentences", "tokens"])
 def test_resume_continues_the_same_schedule(tmp_path, batching):
     ramp = ["--td_mode", "weight", "--td_schedule", "linear", "--td_ramp_steps", "4", "--no-do_sweep", *batching]
