@@ -156,6 +156,15 @@ def _schedule(parts: list[str], spec: str, default: str, ramp_default: str) -> s
     return kind
 
 
+SIMPLE_METHODS = {
+    # spec head: (registry method, name of the number in messages, its setting, whether a MODE comes first)
+    "dropout": ("dropout", "RATE", "rate", True),
+    "l1": ("l1", "LAMBDA", "l1", False),
+    "l0": ("l0", "LAMBDA", "l0", True),
+    "smallify": ("smallify", "LAMBDA", "l1", False),
+}
+
+
 def _arity(parts: list[str], low: int, high: int, form: str, spec: str) -> None:
     if not low <= len(parts) <= high:
         raise RunSpecError(f"bad run spec {spec!r}: expected {form}")
@@ -198,20 +207,17 @@ def parse_run_spec(text: str, default_schedule: str = "constant") -> RunSpec:
             run = RunSpec(spec, name, "", kind="targeted_dropout", method=method,
                           settings=dict(alpha=alpha, gamma=gamma, mode=mode), mode=mode, alpha=alpha,
                           gamma=gamma, schedule=schedule, schedule_given=len(body) == 4)
-        elif head == "dropout":
-            _arity(parts, 3, 3, "dropout:MODE:RATE", spec)
-            mode, rate = _mode(parts[1], spec), _number(parts[2], "RATE", spec)
-            run = RunSpec(spec, f"dropout-{mode}-{rate:g}", "", kind="method", method="dropout",
-                          settings=dict(rate=rate, mode=mode), mode=mode)
-        elif head == "l1":
-            _arity(parts, 2, 2, "l1:LAMBDA", spec)
-            lam = _number(parts[1], "LAMBDA", spec)
-            run = RunSpec(spec, f"l1-{lam:g}", "", kind="method", method="l1", settings=dict(l1=lam))
-        elif head == "l0":
-            _arity(parts, 3, 3, "l0:MODE:LAMBDA", spec)
-            mode, lam = _mode(parts[1], spec), _number(parts[2], "LAMBDA", spec)
-            run = RunSpec(spec, f"l0-{mode}-{lam:g}", "", kind="method", method="l0",
-                          settings=dict(l0=lam, mode=mode), mode=mode)
+        elif head in SIMPLE_METHODS:
+            # NAME[:MODE]:NUMBER -> one method setting (and the mode, where the method has one)
+            method, number_name, setting, with_mode = SIMPLE_METHODS[head]
+            form = f"{head}:MODE:{number_name}" if with_mode else f"{head}:{number_name}"
+            n_parts = 3 if with_mode else 2
+            _arity(parts, n_parts, n_parts, form, spec)
+            mode = _mode(parts[1], spec) if with_mode else None
+            value = _number(parts[-1], number_name, spec)
+            settings = {setting: value} if mode is None else {setting: value, "mode": mode}
+            name = f"{head}-{mode}-{value:g}" if with_mode else f"{head}-{value:g}"
+            run = RunSpec(spec, name, "", kind="method", method=method, settings=settings, mode=mode)
         elif head in ("vd", "variational", "variational_dropout"):
             _arity(parts, 1, 3, "vd[:KL_SCALE[:WARMUP]]", spec)
             scale = _number(parts[1], "KL_SCALE", spec) if len(parts) > 1 else 1.0
@@ -222,10 +228,6 @@ def parse_run_spec(text: str, default_schedule: str = "constant") -> RunSpec:
             name = f"vd-{scale:g}" + (f"-w{warmup:g}" if warmup else "")
             run = RunSpec(spec, name, "", kind="method", method="variational_dropout",
                           settings=dict(kl_scale=scale), kl_warmup_fraction=warmup)
-        elif head == "smallify":
-            _arity(parts, 2, 2, "smallify:LAMBDA", spec)
-            lam = _number(parts[1], "LAMBDA", spec)
-            run = RunSpec(spec, f"smallify-{lam:g}", "", kind="method", method="smallify", settings=dict(l1=lam))
         elif head == "randinit":
             _arity(parts, 3, 3, "randinit:MODE:SPARSITY", spec)
             mode, sparsity = _mode(parts[1], spec), _number(parts[2], "SPARSITY", spec)
