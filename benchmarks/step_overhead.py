@@ -245,6 +245,7 @@ def main(argv=None) -> None:
             ratios = {k: [] for k in variants}
             others = [k for k in variants if k != "unpatched"]
             rng = random.Random(0)
+            timing = cpu if clock == "CPU" else wall  # the clock the ratios use
 
             def timed(name):
                 with variant_context(name, device):
@@ -252,7 +253,7 @@ def main(argv=None) -> None:
                     step(variants[name], opts[name], ids, args.gradient_accumulation_steps)
                 cpu[name].append(time.process_time() - c0)
                 wall[name].append(time.perf_counter() - t0)
-                return cpu[name][-1] if clock == "CPU" else wall[name][-1]
+                return timing[name][-1]
 
             for _ in range(args.trials):
                 rng.shuffle(others)
@@ -266,7 +267,6 @@ def main(argv=None) -> None:
                         t = timed(name)
                         ratios[name].append(t / timed("unpatched"))
             ratios["unpatched"] = [1.0]
-            timing = cpu if clock == "CPU" else wall
             base_min = min(timing["unpatched"])
             base_saved = saved_bytes(variants["unpatched"], ids)
             for name, model in variants.items():

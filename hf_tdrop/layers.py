@@ -406,8 +406,7 @@ def patch_state(module: nn.Module):
 
 def layer_type_name(module: nn.Module) -> str:
     """Class name of a supported layer: the original class for a patched one."""
-    state = getattr(module, STATE_ATTR, None) or module.__dict__.get(METHOD_ATTR)
-    original = getattr(state, "original_class", None)
+    original = patch_state(module).original_class if is_patched_layer(module) else None
     return (original or type(module)).__name__
 
 
