@@ -128,6 +128,7 @@ class ConfigSerializationMixin:
 
 def _read_config_file(path: Path) -> tuple[dict, Path]:
     """The config dict stored at ``path`` (a directory or a file) and the file it came from."""
+    from ._utils import read_json
     from .hub import TDROP_CONFIG_NAME, TDROP_FORMAT, TRAINING_CONFIG_KEY
 
     in_directory = path.is_dir()
@@ -141,7 +142,7 @@ def _read_config_file(path: Path) -> tuple[dict, Path]:
     elif not path.is_file():
         raise FileNotFoundError(f"No such config file or directory: {str(path)!r}.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except (UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
     if isinstance(data, dict) and data.get("format") == TDROP_FORMAT:  # save_pruned's record

@@ -12,7 +12,7 @@ from typing import Optional
 from torch import nn
 
 from .config import TargetedDropoutConfig, check_fraction
-from .layers import METHOD_ATTR, STATE_ATTR, TargetingState, is_patched_layer, patch_layer, patch_state, unpatch_layer
+from .layers import METHOD_ATTR, TargetingState, is_patched_layer, patch_layer, patch_state, unpatch_layer
 from .targets import select_layers
 
 CONFIG_ATTR = "tdrop_config"
