@@ -157,11 +157,11 @@ def _schedule(parts: list[str], spec: str, default: str, ramp_default: str) -> s
 
 
 SIMPLE_METHODS = {
-    # spec head: (registry method, name of the number in messages, its setting, whether a MODE comes first)
-    "dropout": ("dropout", "RATE", "rate", True),
-    "l1": ("l1", "LAMBDA", "l1", False),
-    "l0": ("l0", "LAMBDA", "l0", True),
-    "smallify": ("smallify", "LAMBDA", "l1", False),
+    # registry method (also the spec head): (name of the number in messages, its setting, whether a MODE comes first)
+    "dropout": ("RATE", "rate", True),
+    "l1": ("LAMBDA", "l1", False),
+    "l0": ("LAMBDA", "l0", True),
+    "smallify": ("LAMBDA", "l1", False),
 }
 
 
@@ -209,7 +209,7 @@ def parse_run_spec(text: str, default_schedule: str = "constant") -> RunSpec:
                           gamma=gamma, schedule=schedule, schedule_given=len(body) == 4)
         elif head in SIMPLE_METHODS:
             # NAME[:MODE]:NUMBER -> one method setting (and the mode, where the method has one)
-            method, number_name, setting, with_mode = SIMPLE_METHODS[head]
+            number_name, setting, with_mode = SIMPLE_METHODS[head]
             form = f"{head}:MODE:{number_name}" if with_mode else f"{head}:{number_name}"
             n_parts = 3 if with_mode else 2
             _arity(parts, n_parts, n_parts, form, spec)
@@ -217,7 +217,7 @@ def parse_run_spec(text: str, default_schedule: str = "constant") -> RunSpec:
             value = _number(parts[-1], number_name, spec)
             settings = {setting: value} if mode is None else {setting: value, "mode": mode}
             name = f"{head}-{mode}-{value:g}" if with_mode else f"{head}-{value:g}"
-            run = RunSpec(spec, name, "", kind="method", method=method, settings=settings, mode=mode)
+            run = RunSpec(spec, name, "", kind="method", method=head, settings=settings, mode=mode)
         elif head in ("vd", "variational", "variational_dropout"):
             _arity(parts, 1, 3, "vd[:KL_SCALE[:WARMUP]]", spec)
             scale = _number(parts[1], "KL_SCALE", spec) if len(parts) > 1 else 1.0
