@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import random
 import statistics
 import time
@@ -35,7 +36,7 @@ import time
 import torch
 from torch import nn
 
-from hf_tdrop import TargetedDropoutConfig, layers, masking, patch_model, targeted_layers
+from hf_tdrop import TargetedDropoutConfig, layers, masking, native, patch_model, targeted_layers
 
 logger = logging.getLogger("step_overhead")
 
@@ -72,9 +73,14 @@ def other_selection_label(device: torch.device) -> str:
     return f"tdrop weight, {path} selection"
 
 
+TORCH_SELECTION = "tdrop weight, torch selection (compiled kernel off)"
+"""With --compare_native: weight mode on CPU with the compiled selection kernel (hf_tdrop.native)
+turned off, as on a machine without a C++ compiler; the difference is what the kernel saves."""
+
+
 def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int,
                   accumulation: int = 1, compare_selection: bool = False,
-                  device: torch.device = torch.device("cpu")) -> dict[str, nn.Module]:
+                  device: torch.device = torch.device("cpu"), compare_native: bool = False) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = build(arch, layers, 0.0)
     variants = {"unpatched": base, "nn.Dropout p=0.1": build(arch, layers, 0.1)}
@@ -100,6 +106,11 @@ def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int,
         model.load_state_dict(base.state_dict())
         patch_model(model, config=TargetedDropoutConfig(alpha=ALPHA, gamma=GAMMA, mode="weight"))
         variants[other_selection_label(device)] = model
+    if compare_native and "weight" in modes:
+        model = build(arch, layers, 0.0)
+        model.load_state_dict(base.state_dict())
+        patch_model(model, config=TargetedDropoutConfig(alpha=ALPHA, gamma=GAMMA, mode="weight"))
+        variants[TORCH_SELECTION] = model
     for model in variants.values():
         model.to(device).train()
     return variants
@@ -109,8 +120,13 @@ def make_variants(arch: str, layers: int, modes: list[str], refresh_every: int,
 def variant_context(name: str, device: torch.device):
     """Inside: the library behaves as the variant ``name`` needs. ``RERANKED``: patched layers rank
     their targeted set at every forward (no reuse within a step); the other-selection variant: the
-    device type's selection path is switched (sync-free <-> host-synchronising)."""
+    device type's selection path is switched (sync-free <-> host-synchronising); ``TORCH_SELECTION``:
+    the compiled kernel is off (``HF_TDROP_NATIVE=0``)."""
     previous_reuse, previous_types = layers.REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES
+    previous_switch = os.environ.get(native.ENV_SWITCH)
+    if name == TORCH_SELECTION:
+        os.environ[native.ENV_SWITCH] = "0"
+
     if name == RERANKED:
         layers.REUSE_WITHIN_STEP = False
     if name == other_selection_label(device):
@@ -119,6 +135,10 @@ def variant_context(name: str, device: torch.device):
         yield
     finally:
         layers.REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES = previous_reuse, previous_types
+        if previous_switch is None:
+            os.environ.pop(native.ENV_SWITCH, None)
+        else:
+            os.environ[native.ENV_SWITCH] = previous_switch
 
 
 def step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, accumulation: int = 1) -> None:
@@ -206,6 +226,9 @@ def main(argv=None) -> None:
     parser.add_argument("--compare_selection", action="store_true",
                         help="Add weight mode through the other selection path: sync-free on CPU, "
                              "host-synchronising on an accelerator (masking.SYNC_FREE_DEVICE_TYPES).")
+    parser.add_argument("--compare_native", action="store_true",
+                        help="Add weight mode with the compiled CPU selection kernel (hf_tdrop.native) turned off, "
+                             "as on a machine without a C++ compiler.")
     args = parser.parse_args(argv)
     if args.gradient_accumulation_steps < 1 or args.threads < 1:
         parser.error("--gradient_accumulation_steps and --threads must be >= 1.")
@@ -225,14 +248,18 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {where}{torch.get_num_threads()} threads, {args.layers} layers, "
           f"alpha={ALPHA} gamma={GAMMA} (nm 2:4: gamma={NM_GAMMA:g}), {args.optimizer} lr={args.lr}, "
           f"{args.gradient_accumulation_steps} micro-batch(es) per step, {args.trials} timed (unpatched, variant) pairs "
-          f"per variant; ratios of {clock} time\n")
+          f"per variant; ratios of {clock} time")
+    if device.type == "cpu":
+        kernel = "on" if native.available() else f"off ({native.unavailable_reason()})"
+        print(f"compiled CPU selection kernel (hf_tdrop.native): {kernel}")
+    print()
     print(f"| model | tokens | variant | {clock} ms/step (median) | {clock} ms/step (min) | ratio (paired median) | "
           "ratio (min/min) | wall ms/step (median) | saved-for-backward MB | extra saved / targeted weight bytes |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     for arch in args.archs:
         variants = make_variants(arch, args.layers, args.modes, args.refresh_every, args.gradient_accumulation_steps,
-                                 args.compare_selection, device)
+                                 args.compare_selection, device, args.compare_native)
         opts = {k: optimizer_cls(m.parameters(), lr=args.lr) for k, m in variants.items()}
         for tokens in args.tokens:
             ids = torch.randint(0, 1000, (max(1, tokens // seq), seq)).to(device)
@@ -270,7 +297,8 @@ def main(argv=None) -> None:
             base_min = min(timing["unpatched"])
             base_saved = saved_bytes(variants["unpatched"], ids)
             for name, model in variants.items():
-                saved = saved_bytes(model, ids)
+                with variant_context(name, device):
+                    saved = saved_bytes(model, ids)
                 extra = ""
                 if name.startswith("tdrop"):
                     weight_bytes = sum(dict(model.named_modules())[n].weight.nbytes for n in targeted_layers(model))
