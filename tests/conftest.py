@@ -17,6 +17,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def run_benchmark(name: str, argv: list[str], capsys):
+    """Run ``benchmarks/<name>.py``'s ``main(argv)`` in this process (torch's thread count restored
+    after it): returns the module and what it printed."""
+    import importlib
+    import sys
+
+    path = str(REPO_ROOT / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    module = importlib.import_module(name)
+    previous_threads = torch.get_num_threads()
+    try:
+        module.main(argv)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return module, capsys.readouterr().out
+
+
 def require_shared_data(*parts: str) -> Path:
     """Path under ../shared/data, or skip the test with the reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

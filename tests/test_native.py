@@ -2,6 +2,7 @@
 
 import ctypes
 import logging
+import os
 import subprocess
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from conftest import run_benchmark
 from hf_tdrop import TargetedDropoutConfig, masking, native, patch_model
 
 requires_kernel = pytest.mark.skipif(not native.available(), reason=f"no compiled kernel: {native.unavailable_reason()}")
@@ -239,43 +241,27 @@ def test_kernel_is_compiled_once_into_the_cache_folder(fresh_loader, monkeypatch
     assert built[0].stat().st_mtime_ns == stamp
 
 
-def _benchmark_module(name):
-    import importlib
-    import sys
-
-    from conftest import REPO_ROOT
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    return importlib.import_module(name)
-
-
 @requires_kernel
 def test_step_overhead_benchmark_compares_the_kernel_with_the_torch_path(capsys, monkeypatch):
-    step_overhead = _benchmark_module("step_overhead")
-    seen = []  # whether the kernel ran, per ranking, in the order of the steps
+    seen = []  # one entry per ranking through the kernel
     real = native.lowest_k_abs_bracketed
     monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: seen.append(1) or real(*a))
-    previous_threads = torch.get_num_threads()
-    try:
-        step_overhead.main(["--archs", "bert", "--layers", "1", "--tokens", "128", "--modes", "weight", "--trials", "2",
-                            "--warmup", "0", "--refresh_every", "1", "--compare_native"])
-    finally:
-        torch.set_num_threads(previous_threads)
-    out = capsys.readouterr().out
+    step_overhead, out = run_benchmark("step_overhead", [
+        "--archs", "bert", "--layers", "1", "--tokens", "128", "--modes", "weight", "--trials", "2",
+        "--warmup", "0", "--refresh_every", "1", "--compare_native"], capsys)
     rows = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| bert | 128 |")]
     assert rows == ["unpatched", "nn.Dropout p=0.1", "tdrop weight", step_overhead.TORCH_SELECTION]
     assert "compiled CPU selection kernel (hf_tdrop.native): on" in out
     # 2 timed steps of 'tdrop weight' (+ the saved-bytes pass) used the kernel for each of its 6
     # weights; the torch-selection variant never did, and the switch is back to its old value after
     assert len(seen) == 6 * 3
-    assert native.ENV_SWITCH not in __import__("os").environ
+    assert native.ENV_SWITCH not in os.environ
 
 
 @requires_kernel
 def test_selection_benchmark_prints_both_paths_and_checks_their_masks(capsys):
-    selection_kernel = _benchmark_module("selection_kernel")
-    selection_kernel.main(["--archs", "bert", "gpt2", "--threads", "1", "--rounds", "1"])
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| bert") or line.startswith("| gpt2")]
+    _, out = run_benchmark("selection_kernel", ["--archs", "bert", "gpt2", "--threads", "1", "--rounds", "1"], capsys)
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| bert", "| gpt2"))]
     assert [r[0] for r in rows] == ["| bert", "| gpt2"]
     for row in rows:
         t_torch, t_kernel, ratio = float(row[2]), float(row[3]), float(row[4].rstrip(" |"))

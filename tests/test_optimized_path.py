@@ -404,20 +404,11 @@ def test_accelerator_dispatch_selects_the_same_sets_without_host_syncs(mode, mon
 
 
 def test_step_overhead_benchmark_compares_both_selection_paths(capsys):
-    import sys
+    from conftest import run_benchmark
 
-    from conftest import REPO_ROOT
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import step_overhead
-
-    previous_threads = torch.get_num_threads()
-    try:
-        step_overhead.main(["--archs", "bert", "--layers", "1", "--tokens", "128", "--modes", "weight", "--trials", "1",
-                            "--warmup", "0", "--refresh_every", "1", "--compare_selection"])
-    finally:
-        torch.set_num_threads(previous_threads)
-    out = capsys.readouterr().out
+    step_overhead, out = run_benchmark("step_overhead", [
+        "--archs", "bert", "--layers", "1", "--tokens", "128", "--modes", "weight", "--trials", "1",
+        "--warmup", "0", "--refresh_every", "1", "--compare_selection"], capsys)
     rows = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| bert | 128 |")]
     assert rows == ["unpatched", "nn.Dropout p=0.1", "tdrop weight", "tdrop weight, sync-free selection"]
     assert "ratios of CPU time" in out
