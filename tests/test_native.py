@@ -227,6 +227,15 @@ def test_without_a_compiler_the_torch_path_runs_and_one_warning_says_why(fresh_l
         native.lowest_k_abs_bracketed(w, 3, None, None, 4)
 
 
+def test_no_compiler_on_the_path_is_reported_by_name(fresh_loader, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert not native.available()
+    assert native.unavailable_reason().startswith("no C++ compiler found")
+    w = torch.randn(6, 10)
+    assert torch.equal(masking.targeted_weights_bracketed(w, 0.5)[0], stable_sort_lowest(w.abs(), 5))
+
+
 @requires_kernel
 def test_kernel_is_compiled_once_into_the_cache_folder(fresh_loader, monkeypatch):
     assert native.available()
