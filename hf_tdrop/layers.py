@@ -197,7 +197,8 @@ def targeted_set(module: nn.Module) -> torch.Tensor:
             targeted, state.threshold_bracket = masking.targeted_weights_bracketed(
                 w2d, state.gamma, state.threshold_bracket)
         else:
-            targeted = masking.targeted_weights_among(w2d, state.gamma, held2d)
+            targeted, state.threshold_bracket = masking.targeted_weights_among_bracketed(
+                w2d, state.gamma, held2d, state.threshold_bracket)
     elif state.mode == "nm":
         targeted = masking.targeted_nm(w2d, state.gamma, state.n, state.m, held=held2d)
     elif held2d is None:

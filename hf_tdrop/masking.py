@@ -343,8 +343,14 @@ def targeted_weights_bracketed(
     On CPU (float32, bfloat16 or float16 weights) this runs the compiled kernel of
     :mod:`hf_tdrop.native` when it is available: the same mask and bracket rules in two passes over
     each row, in a quarter to a third of the time."""
+    return _lowest_k_abs_bracketed(w2d, fraction_count(gamma, w2d.shape[1]), bracket)
+
+
+def _lowest_k_abs_bracketed(
+    w2d: torch.Tensor, k: int, bracket: Optional[KthBracket]
+) -> tuple[torch.Tensor, Optional[KthBracket]]:
+    """``lowest_k_bracketed(w2d.abs(), k, bracket)``, through the compiled kernel where it applies."""
     n_rows, n = w2d.shape
-    k = fraction_count(gamma, n)
     if 0 < k < n and n_rows and native.supports(w2d) and not uses_sync_free_selection(w2d) and native.available():
         margin = _initial_margin(n)
         lower = upper = None
@@ -450,13 +456,24 @@ def targeted_weights_among(w2d: torch.Tensor, gamma: float, held: torch.Tensor) 
     ``floor(gamma * s_o)`` smallest-|w| entries of row o among its ``s_o`` entries not ``held``
     (bool ``[n_out, fan_in]``, True = held at zero by :func:`hf_tdrop.hold_pruned`). Held entries
     are never targeted. With nothing held this is :func:`targeted_weights`."""
+    return targeted_weights_among_bracketed(w2d, gamma, held)[0]
+
+
+def targeted_weights_among_bracketed(
+    w2d: torch.Tensor, gamma: float, held: torch.Tensor, bracket: Optional[KthBracket] = None
+) -> tuple[torch.Tensor, Optional[KthBracket]]:
+    """:func:`targeted_weights_among` (the same mask), plus a bracket for the next call as in
+    :func:`targeted_weights_bracketed`. When every row keeps the same number of survivors (weight
+    pruning prunes every row alike) the held entries rank last (as ``+inf``) in one bracketed
+    selection, through the compiled kernel on CPU where it is available; otherwise each row gets
+    its own count through a stable sort (and no bracket is returned)."""
     if w2d.shape[0] == 0:
-        return torch.zeros(w2d.shape, dtype=torch.bool, device=w2d.device)
-    s = _ranking_scores(w2d.abs()).masked_fill(held, math.inf)
+        return torch.zeros(w2d.shape, dtype=torch.bool, device=w2d.device), None
     k = _counts_of_survivors(gamma, w2d.shape[1] - _row_counts(held).long())
-    if bool((k == k[0]).all()):  # the usual case (every row pruned alike): one partial selection
-        return lowest_k(s, int(k[0]))
-    return lowest_k_per_row(s, k)
+    if bool((k == k[0]).all()):  # the usual case (every row pruned alike): one selection
+        # one pass: held entries become +inf, the magnitudes are taken by the selection
+        return _lowest_k_abs_bracketed(torch.where(held, math.inf, w2d.detach()), int(k[0]), bracket)
+    return lowest_k_per_row(_ranking_scores(w2d.abs()).masked_fill(held, math.inf), k), None
 
 
 def targeted_units_among(w2d: torch.Tensor, gamma: float, held_units: torch.Tensor) -> torch.Tensor:

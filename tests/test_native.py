@@ -171,6 +171,77 @@ def test_training_is_bit_identical_with_the_kernel_on_and_off(make_model, monkey
         assert torch.equal(a, b)
 
 
+def reference_among(w2d, gamma, held):
+    """Targeting among survivors written plainly: per row, a stable sort of |w| with held entries
+    last, and the floor(γ s_o) first of the s_o survivors."""
+    survivors = (~held).sum(dim=1)
+    k = torch.tensor([masking.fraction_count(gamma, int(c)) for c in survivors])
+    order = torch.argsort(w2d.abs().float().masked_fill(held, float("inf")), dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(w2d.shape[1]).expand_as(order))
+    return ranks < k[:, None]
+
+
+@pytest.mark.parametrize("kernel", ["on", "off"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_targeting_among_survivors_is_exact_over_training(kernel, transposed, uniform, monkeypatch):
+    """Held entries rank last in one bracketed selection when every row keeps the same count, with
+    the kernel or without; rows pruned unequally each get their own count."""
+    if kernel == "on" and not native.available():
+        pytest.skip(f"no compiled kernel: {native.unavailable_reason()}")
+    if kernel == "off":
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+    calls = []
+    real = native.lowest_k_abs_bracketed
+    monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: calls.append(1) or real(*a))
+    rows, n = 40, 90
+    w = weights(rows, n, "normal", transposed=transposed, seed=5)
+    held = masking.weight_prune_mask(w, 0.5)
+    if not uniform:
+        held[3, :20] = True  # row 3 pruned further than the others
+    g = torch.Generator().manual_seed(6)
+    bracket = None
+    for step in range(12):
+        gamma = 0.75 if step < 8 else 0.6
+        mask, bracket = masking.targeted_weights_among_bracketed(w, gamma, held, bracket)
+        assert torch.equal(mask, reference_among(w, gamma, held)), step
+        assert torch.equal(mask, masking.targeted_weights_among(w, gamma, held))
+        assert not bool((mask & held).any())
+        assert (bracket is not None) == uniform
+        w.add_(torch.randn(w.shape, generator=g), alpha=1e-3)
+    assert len(calls) == (2 * 12 if uniform and kernel == "on" else 0)  # both calls of each step
+
+
+@requires_kernel
+def test_held_pruning_fine_tuning_is_bit_identical_with_the_kernel_on_and_off(monkeypatch):
+    from hf_tdrop import hold_pruned, prune_model
+
+    def fine_tune():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), Conv1D(nf=24, nx=40))
+        prune_model(model, sparsity=0.5, target_modules=["0", "2"])
+        patch_model(model, config=TargetedDropoutConfig(alpha=0.66, gamma=0.75, target_modules=["0", "2"]))
+        hold_pruned(model, target_modules=["0", "2"])
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(5):
+            model(torch.randn(8, 24)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    calls = []
+    real = native.lowest_k_abs_bracketed
+    monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: calls.append(1) or real(*a))
+    with_kernel = fine_tune()
+    assert len(calls) == 2 * 5
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    without = fine_tune()
+    for a, b in zip(with_kernel, without):
+        assert torch.equal(a, b)
+    assert float((with_kernel[0] == 0).float().mean()) >= 0.5  # the held half stayed zero
+
+
 def test_switch_and_unsupported_inputs_use_the_torch_path(monkeypatch):
     """HF_TDROP_NATIVE=0, float64 weights and (declared) accelerator devices never reach the kernel."""
     monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: pytest.fail("kernel called"))
@@ -269,9 +340,15 @@ def test_step_overhead_benchmark_compares_the_kernel_with_the_torch_path(capsys,
 
 @requires_kernel
 def test_selection_benchmark_prints_both_paths_and_checks_their_masks(capsys):
-    _, out = run_benchmark("selection_kernel", ["--archs", "bert", "gpt2", "--threads", "1", "--rounds", "1"], capsys)
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| bert", "| gpt2"))]
-    assert [r[0] for r in rows] == ["| bert", "| gpt2"]
-    for row in rows:
-        t_torch, t_kernel, ratio = float(row[2]), float(row[3]), float(row[4].rstrip(" |"))
-        assert t_torch > 0 and t_kernel > 0 and ratio == pytest.approx(t_kernel / t_torch, abs=0.01)
+    for extra in ([], ["--held_fraction", "0.5"]):
+        _, out = run_benchmark("selection_kernel", ["--archs", "bert", "gpt2", "--threads", "1", "--rounds", "1", *extra],
+                               capsys)
+        rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| bert", "| gpt2"))]
+        assert [r[0] for r in rows] == ["| bert", "| gpt2"]
+        assert ("0.5 of every row held at zero" in out) == bool(extra)
+        for row in rows:
+            t_torch, t_kernel, ratio = float(row[2]), float(row[3]), float(row[4].rstrip(" |"))
+            assert t_torch > 0 and t_kernel > 0 and ratio == pytest.approx(t_kernel / t_torch, abs=0.01)
+    with pytest.raises(SystemExit):
+        run_benchmark("selection_kernel", ["--held_fraction", "1.5"], capsys)
+    assert "--held_fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
