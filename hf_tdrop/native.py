@@ -38,10 +38,8 @@ ENV_CACHE = "HF_TDROP_CACHE"
 """Environment variable: the folder the compiled kernel is cached in."""
 SOURCE = Path(__file__).parent / "csrc" / "lowest_k_abs.cpp"
 ABI_VERSION = 1
-_FLAG_SETS = (
-    ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-fopenmp"],
-    ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC"],  # a compiler without OpenMP: one thread per call
-)
+_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC"]
+_FLAG_SETS = (_BASE_FLAGS + ["-fopenmp"], _BASE_FLAGS)  # then without OpenMP (one thread per call)
 _OFF_VALUES = {"0", "false", "no", "off"}
 
 _lock = threading.Lock()

@@ -36,6 +36,15 @@ def kernel_build(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that gets one entry per call of the compiled kernel (which still runs)."""
+    calls = []
+    real = native.lowest_k_abs_bracketed
+    monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def stable_sort_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     order = torch.argsort(scores.float(), dim=-1, stable=True)
     return torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order[..., :k], True)
@@ -156,17 +165,14 @@ def _train(make_model, steps=6, seed=0):
     lambda: nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 24)),
     lambda: nn.Sequential(Conv1D(nf=40, nx=24), nn.ReLU(), Conv1D(nf=24, nx=40)),
 ], ids=["linear", "conv1d"])
-def test_training_is_bit_identical_with_the_kernel_on_and_off(make_model, monkeypatch):
+def test_training_is_bit_identical_with_the_kernel_on_and_off(make_model, monkeypatch, kernel_calls):
     """Same seed, same weights after training: the kernel changes the speed of the selection only
     (same masks, same random draws)."""
-    calls = []
-    real = native.lowest_k_abs_bracketed
-    monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: calls.append(1) or real(*a))
     with_kernel = _train(make_model)
-    assert len(calls) == 2 * 6  # two layers, one ranking per step each
+    assert len(kernel_calls) == 2 * 6  # two layers, one ranking per step each
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     without = _train(make_model)
-    assert len(calls) == 12  # the switch turned it off
+    assert len(kernel_calls) == 12  # the switch turned it off
     for a, b in zip(with_kernel, without):
         assert torch.equal(a, b)
 
@@ -184,16 +190,13 @@ def reference_among(w2d, gamma, held):
 @pytest.mark.parametrize("kernel", ["on", "off"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("uniform", [True, False])
-def test_targeting_among_survivors_is_exact_over_training(kernel, transposed, uniform, monkeypatch):
+def test_targeting_among_survivors_is_exact_over_training(kernel, transposed, uniform, monkeypatch, kernel_calls):
     """Held entries rank last in one bracketed selection when every row keeps the same count, with
     the kernel or without; rows pruned unequally each get their own count."""
     if kernel == "on" and not native.available():
         pytest.skip(f"no compiled kernel: {native.unavailable_reason()}")
     if kernel == "off":
         monkeypatch.setenv(native.ENV_SWITCH, "0")
-    calls = []
-    real = native.lowest_k_abs_bracketed
-    monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: calls.append(1) or real(*a))
     rows, n = 40, 90
     w = weights(rows, n, "normal", transposed=transposed, seed=5)
     held = masking.weight_prune_mask(w, 0.5)
@@ -209,11 +212,11 @@ def test_targeting_among_survivors_is_exact_over_training(kernel, transposed, un
         assert not bool((mask & held).any())
         assert (bracket is not None) == uniform
         w.add_(torch.randn(w.shape, generator=g), alpha=1e-3)
-    assert len(calls) == (2 * 12 if uniform and kernel == "on" else 0)  # both calls of each step
+    assert len(kernel_calls) == (2 * 12 if uniform and kernel == "on" else 0)  # both calls of each step
 
 
 @requires_kernel
-def test_held_pruning_fine_tuning_is_bit_identical_with_the_kernel_on_and_off(monkeypatch):
+def test_held_pruning_fine_tuning_is_bit_identical_with_the_kernel_on_and_off(monkeypatch, kernel_calls):
     from hf_tdrop import hold_pruned, prune_model
 
     def fine_tune():
@@ -230,11 +233,8 @@ def test_held_pruning_fine_tuning_is_bit_identical_with_the_kernel_on_and_off(mo
             opt.zero_grad()
         return [p.detach().clone() for p in model.parameters()]
 
-    calls = []
-    real = native.lowest_k_abs_bracketed
-    monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: calls.append(1) or real(*a))
     with_kernel = fine_tune()
-    assert len(calls) == 2 * 5
+    assert len(kernel_calls) == 2 * 5
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     without = fine_tune()
     for a, b in zip(with_kernel, without):
@@ -322,10 +322,7 @@ def test_kernel_is_compiled_once_into_the_cache_folder(fresh_loader, monkeypatch
 
 
 @requires_kernel
-def test_step_overhead_benchmark_compares_the_kernel_with_the_torch_path(capsys, monkeypatch):
-    seen = []  # one entry per ranking through the kernel
-    real = native.lowest_k_abs_bracketed
-    monkeypatch.setattr(native, "lowest_k_abs_bracketed", lambda *a: seen.append(1) or real(*a))
+def test_step_overhead_benchmark_compares_the_kernel_with_the_torch_path(capsys, kernel_calls):
     step_overhead, out = run_benchmark("step_overhead", [
         "--archs", "bert", "--layers", "1", "--tokens", "128", "--modes", "weight", "--trials", "2",
         "--warmup", "0", "--refresh_every", "1", "--compare_native"], capsys)
@@ -334,7 +331,7 @@ def test_step_overhead_benchmark_compares_the_kernel_with_the_torch_path(capsys,
     assert "compiled CPU selection kernel (hf_tdrop.native): on" in out
     # 2 timed steps of 'tdrop weight' (+ the saved-bytes pass) used the kernel for each of its 6
     # weights; the torch-selection variant never did, and the switch is back to its old value after
-    assert len(seen) == 6 * 3
+    assert len(kernel_calls) == 6 * 3
     assert native.ENV_SWITCH not in os.environ
 
 

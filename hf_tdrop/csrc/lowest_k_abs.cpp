@@ -42,6 +42,9 @@ inline uint64_t make_key(uint32_t bits, int64_t col) { return (uint64_t(bits) <<
 
 inline float key_value(uint64_t key) { return bits_value(uint32_t(key >> 32)); }
 
+// Widest band a bracket may hold for the row to count as bracketed (masking.lowest_k_bracketed's rule).
+inline int64_t band_limit(int64_t margin) { return 4 * margin + 16; }
+
 struct Params {
   const float* w;
   int64_t rows, n, rs, cs;
@@ -211,19 +214,18 @@ struct Lanes16 {
 template <int B>
 int64_t select_block(const Params& p, int64_t r0, uint64_t* const* bands, std::vector<uint64_t>& keys) {
   static_assert(B == 1 || B == 16, "blocks are one row or sixteen");
-  const int64_t limit = 4 * p.margin + 16;
+  const int64_t limit = band_limit(p.margin);
   const float* base = p.w + r0 * p.rs;
   const bool row_lanes = B == 1 && p.cs == 1;  // B == 1: lanes along a contiguous row
   Lanes16 lanes;
   int32_t below[B], upto[B];
   int64_t count[B];
   uint64_t kth_key[B];
-  for (int b = 0; b < B; ++b) count[b] = 0;
+  for (int b = 0; b < B; ++b) below[b] = upto[b] = count[b] = 0;
   if (p.lower) {
-    lanes.set_bounds(p.lower + r0, p.upper + r0, B == 16);
-    const float lo = p.lower[r0], hi = p.upper[r0];
     int64_t j = 0;
     if (B == 16 || row_lanes) {
+      lanes.set_bounds(p.lower + r0, p.upper + r0, B == 16);
       const int64_t step = B == 16 ? 1 : 16;
       for (; j + step <= p.n; j += step) {
         const float* x = base + j * p.cs;
@@ -237,21 +239,15 @@ int64_t select_block(const Params& p, int64_t r0, uint64_t* const* bands, std::v
           ++count[b];
         }
       }
-    }
-    int32_t lane_below[16], lane_upto[16];
-    lanes.counts(lane_below, lane_upto);
-    if (B == 16) {
-      for (int b = 0; b < B; ++b) {
-        below[b] = lane_below[b];
-        upto[b] = lane_upto[b];
+      int32_t lane_below[16], lane_upto[16];
+      lanes.counts(lane_below, lane_upto);
+      for (int t = 0; t < 16; ++t) {  // B == 16: one lane per row; B == 1: the row's lanes summed
+        below[B == 16 ? t : 0] += lane_below[t];
+        upto[B == 16 ? t : 0] += lane_upto[t];
       }
-    } else {
-      below[0] = upto[0] = 0;
-      if (row_lanes)
-        for (int t = 0; t < 16; ++t) {
-          below[0] += lane_below[t];
-          upto[0] += lane_upto[t];
-        }
+    }
+    if (B == 1) {
+      const float lo = p.lower[r0], hi = p.upper[r0];
       for (; j < p.n; ++j) {  // the rest of the row (or a strided row), one entry at a time
         const float a = std::fabs(base[j * p.cs]);
         const int32_t is_below = a < lo, is_upto = a <= hi;
@@ -296,7 +292,7 @@ int64_t select_block(const Params& p, int64_t r0, uint64_t* const* bands, std::v
 
 template <int B>
 int64_t run(const Params& p, int num_threads) {
-  const int64_t limit = 4 * p.margin + 16;
+  const int64_t limit = band_limit(p.margin);
   const int64_t blocks = p.rows / B;  // full blocks; the last rows % B rows one at a time
   int64_t failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(+ : failed)
