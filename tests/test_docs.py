@@ -3,8 +3,8 @@ test command verbatim, and the text speaks to users (no machine paths, no intern
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 
@@ -126,7 +126,8 @@ def test_docs_nav_lists_every_page():
         assert str(page.relative_to(DOCS)) in yaml, f"{page.relative_to(REPO_ROOT)} is not in mkdocs.yml's nav"
 
 
-@pytest.mark.skipif(shutil.which("mkdocs") is None, reason="the docs extra is not installed (pip install -e '.[docs]')")
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
+                    reason="the docs extra is not installed (pip install -e '.[docs]')")
 @pytest.mark.skipif(not (DOCS / "sparsity.md").exists(), reason="docs/sparsity.md is not there yet")
 def test_site_builds_strict(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
