@@ -778,10 +778,11 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
     if args.epoch_validation and "validation" in processed:
         valid_loader = make_eval_dataloader(processed["validation"], collator, args, accelerator)
     spec = args.method_spec
-    extra = set(map(id, hf_tdrop.method_parameters(model).values()))  # gates, log σ²: never weight-decayed
+    # gates, log σ², switches: groups of their own (the method's learning rate, never weight-decayed)
+    method_groups = hf_tdrop.method_parameter_groups(model)
+    extra = {id(p) for group in method_groups for p in group["params"]}
     decay = 0.0 if spec is not None and spec.method == "variational_dropout" else args.weight_decay  # the reference's
-    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in extra]},
-                                   {"params": [p for p in model.parameters() if id(p) in extra], "weight_decay": 0.0}],
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in extra]}, *method_groups],
                                   lr=lr, betas=(0.9, args.adam_beta2), eps=1e-9, weight_decay=decay)
     # Like run_translation_no_trainer: count updates after sharding across processes.
     updates_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes)

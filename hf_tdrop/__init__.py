@@ -21,6 +21,7 @@ from .methods import (
     method_parameters,
     regularization_loss,
 )
+from .optim import CombinedOptimizer, method_optimizer, method_parameter_groups
 from .nm import NMSparsityReport, check_nm_sparsity, to_semi_structured
 from .patching import get_targeting, is_patched, patch_model, set_targeting, targeted_layers, unpatch_model
 from .pruning import METHODS, PruneReport, allowed_methods, prune_model, pruned
@@ -51,6 +52,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BatchNormRecalibration",
+    "CombinedOptimizer",
     "DropoutConfig",
     "L0Config",
     "L1Config",
@@ -88,6 +90,8 @@ __all__ = [
     "is_patched",
     "learned_criteria",
     "method_config",
+    "method_optimizer",
+    "method_parameter_groups",
     "method_parameters",
     "metric_evaluator",
     "patch_model",

@@ -254,7 +254,10 @@ def test_l0_init_eval_gate_and_training_forward():
     model = patch_model(mlp(), config=L0Config(dataset_size=N))
     log_alpha = model[0].l0_log_alpha
     assert log_alpha.shape == model[0].weight.shape
-    assert float(log_alpha.detach().mean()) == pytest.approx(math.log(0.999 / 0.001), abs=0.01)
+    assert float(log_alpha.detach().mean()) == pytest.approx(0.0, abs=0.01)  # init_drop_rate 0.5
+    assert log_alpha.dtype == torch.float32
+    reference_start = patch_model(mlp(), config=L0Config(dataset_size=N, init_drop_rate=0.001))
+    assert float(reference_start[0].l0_log_alpha.detach().mean()) == pytest.approx(math.log(0.999 / 0.001), abs=0.01)
     assert 0.005 < float(log_alpha.detach().std()) < 0.015
     with torch.no_grad():
         log_alpha.copy_(torch.linspace(-6, 6, log_alpha.numel()).view_as(log_alpha))

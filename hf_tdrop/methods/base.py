@@ -251,7 +251,11 @@ class Method:
         criterion_granularity: ``"weight"`` or ``"unit"``: what :meth:`criterion_scores` ranks
             (:meth:`granularity` may decide per layer instead).
         extra_tensors: names of the Parameters / buffers :meth:`setup` registers (removed by
-            finalisation).
+            finalisation). They are float32 whatever the weight's dtype (master copies, as
+            mixed-precision training keeps optimizer state): a bfloat16 ``log α`` near 7 has a step of
+            0.03.
+        optimizer_lr: learning rate of the method's own parameters in their Adam group
+            (:func:`hf_tdrop.method_optimizer`; 1e-3, the papers' setting).
     """
 
     name: ClassVar[str] = ""
@@ -259,9 +263,10 @@ class Method:
     criterion: ClassVar[Optional[str]] = None
     criterion_granularity: ClassVar[str] = "weight"
     extra_tensors: ClassVar[tuple[str, ...]] = ()
+    optimizer_lr: ClassVar[float] = 1e-3
 
     def setup(self, module: nn.Module, config: MethodConfig) -> None:
-        """Register the extra Parameters / buffers on ``module`` (on its weight's device)."""
+        """Register the extra Parameters / buffers on ``module`` (float32, on its weight's device)."""
 
     def forward(self, module: nn.Module, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         """The layer's output; default: the layer's own computation."""

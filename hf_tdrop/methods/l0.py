@@ -45,7 +45,9 @@ class L0Config(MethodConfig):
         beta, zeta, gamma: temperature β > 0 and stretch interval (γ, ζ), γ < 0 < 1 < ζ
             (defaults 2/3, 1.1, -0.1, the reference's).
         init_drop_rate: ``log α`` is initialised from ``N(log((1 - p) / p), 0.01)`` with this ``p``
-            (default 0.001, the reference's: gates start almost surely open).
+            (default 0.5, the L0 paper's code: gates start undecided and learn, with Adam at 1e-3 in
+            their own parameter group, see :func:`hf_tdrop.method_optimizer`; the TD reference's
+            0.001 puts ``log α`` at 6.9, where the gates hardly move).
     """
 
     dataset_size: int = 0
@@ -54,7 +56,7 @@ class L0Config(MethodConfig):
     beta: float = 2.0 / 3.0
     zeta: float = 1.1
     gamma: float = -0.1
-    init_drop_rate: float = 0.001
+    init_drop_rate: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,7 +101,7 @@ class L0(Method):
         weight = module.weight
         shape = weight.shape if config.mode == "weight" else (n_units(module),)
         mean = math.log(1.0 - config.init_drop_rate) - math.log(config.init_drop_rate)
-        init = torch.randn(shape, device=weight.device, dtype=weight.dtype) * 0.01 + mean
+        init = torch.randn(shape, device=weight.device, dtype=torch.float32) * 0.01 + mean
         module.register_parameter(LOG_ALPHA, torch.nn.Parameter(init))
 
     def _gates(self, module) -> torch.Tensor:
@@ -110,6 +112,7 @@ class L0(Method):
         return deterministic_gates(log_alpha, config.zeta, config.gamma)
 
     def _gated_weight(self, module, gates):
+        gates = gates.to(module.weight.dtype)
         return module.weight * (gates if settings(module).mode == "weight" else per_unit(module, gates))
 
     def forward(self, module, input):  # noqa: A002

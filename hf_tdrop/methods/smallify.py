@@ -66,7 +66,7 @@ class Smallify(Method):
 
     def setup(self, module, config):
         weight = module.weight
-        switch = torch.rand(n_units(module), device=weight.device, dtype=weight.dtype)
+        switch = torch.rand(n_units(module), device=weight.device, dtype=torch.float32)
         module.register_parameter(SWITCH, torch.nn.Parameter(switch))
         module.register_buffer(MASK, torch.ones_like(switch))
         module.register_buffer(SIGN_AVG, torch.sign(switch))
@@ -83,6 +83,6 @@ class Smallify(Method):
 
     def fold(self, module):
         gates = getattr(module, SWITCH) * getattr(module, MASK)
-        module.weight.mul_(per_unit(module, gates))
+        module.weight.mul_(per_unit(module, gates).to(module.weight.dtype))
         if module.bias is not None:
-            module.bias.mul_(gates)
+            module.bias.mul_(gates.to(module.bias.dtype))

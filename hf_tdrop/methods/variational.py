@@ -4,7 +4,9 @@
 Each weight gets a learned ``log σ²`` (initialised at -10); ``log α = clip(log σ² - log(w² + 1e-8), -8, 8)``.
 In training the layer samples its pre-activations with the local reparameterisation trick:
 ``mean = layer(x; w)``, ``var = layer(x²; α w²)`` (no bias), output ``mean + sqrt(var + 1e-8) · ε``
-with ``ε ~ N(0, 1)``. In eval the weights with ``log α >= threshold`` (3, the reference's) are
+with ``ε ~ N(0, 1)`` (``log σ²``, ``log α`` and the standard deviation in float32 whatever the
+weight's or autocast's dtype: in float16 ``1e-8`` is 0 and an all-zero input would give an infinite
+gradient). In eval the weights with ``log α >= threshold`` (3, the reference's) are
 zeroed. The loss term is the KL approximation of Molchanov et al.,
 ``-KL ≈ k1 σ(k2 + k3 log α) - 0.5 log(1 + 1/α) - k1`` (``k1, k2, k3 = 0.63576, 1.87320, 1.48695``),
 summed over the weights, times ``kl_scale / N`` and a linear warm-up ``min(1, step / kl_warmup_steps)``.
@@ -68,8 +70,9 @@ class VariationalDropoutConfig(MethodConfig):
 
 
 def log_alpha(weight: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
-    """``clip(log σ² - log(w² + 1e-8), -8, 8)``."""
-    return (log_sigma2 - torch.log(weight * weight + 1e-8)).clamp(-8.0, 8.0)
+    """``clip(log σ² - log(w² + 1e-8), -8, 8)``, in float32."""
+    weight = weight.float()
+    return (log_sigma2.float() - torch.log(weight * weight + 1e-8)).clamp(-8.0, 8.0)
 
 
 def kl_approximation(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,7 @@ class VariationalDropout(Method):
 
     def setup(self, module, config):
         weight = module.weight
-        init = torch.full_like(weight, config.init_log_sigma2, requires_grad=False)
+        init = torch.full(weight.shape, config.init_log_sigma2, device=weight.device, dtype=torch.float32)
         module.register_parameter(LOG_SIGMA2, torch.nn.Parameter(init))
 
     def _log_alpha(self, module) -> torch.Tensor:
@@ -100,8 +103,10 @@ class VariationalDropout(Method):
             keep = (self._log_alpha(module) < settings(module).threshold).to(weight.dtype)
             return module.compute(input, weight * keep, module.bias)
         mean = module.compute(input, weight, module.bias)
-        var = module.compute(input * input, torch.exp(self._log_alpha(module)) * weight * weight, None)
-        return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
+        var_weight = (torch.exp(self._log_alpha(module)) * weight.float() ** 2).to(weight.dtype)
+        var = module.compute(input * input, var_weight, None)
+        std = torch.sqrt(var.float() + 1e-8)
+        return mean + (std * torch.randn_like(std)).to(mean.dtype)
 
     def loss(self, module, step):
         config: VariationalDropoutConfig = settings(module)
