@@ -81,8 +81,12 @@ def recalibrate_batchnorm(
 ) -> int:
     """Re-estimate the running statistics of every BatchNorm layer of ``model`` in place.
 
-    The statistics are reset and recomputed as the exact (cumulative) average over the first
-    ``num_batches`` batches of ``batches`` (``momentum=None`` while estimating), without gradients,
+    The statistics are reset and recomputed over the first ``num_batches`` batches of ``batches``,
+    without gradients: the running mean becomes the mean of the per-batch means and the running
+    variance the mean of the per-batch (unbiased) variances, each batch weighted by the number of
+    values it normalises per channel (a ragged last batch counts for its size). The mean is then
+    the exact mean over all the data; the variance is the average within-batch variance (what
+    BatchNorm normalises by in training), not the variance of the pooled data. The statistics are
     with every module but the BatchNorm layers in eval mode: targeted dropout layers and
     ``nn.Dropout`` drop nothing, so the statistics are those of the network as it is evaluated
     (pruned weights included; with ``drop_targeted_at_eval=True``, without the targeted set).
@@ -120,12 +124,19 @@ def recalibrate_batchnorm(
         device = torch.device("cpu")
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in layers]
+    seen = {id(m): 0 for m in layers}
+
+    def weigh_by_size(module, args):  # running = (1 - n / (seen + n)) running + n / (seen + n) batch
+        n = args[0].numel() // max(1, module.num_features)
+        seen[id(module)] += n
+        module.momentum = n / seen[id(module)]
+
+    hooks = [m.register_forward_pre_hook(weigh_by_size) for m in layers]
     used = 0
     try:
         model.eval()
         for m in layers:
             m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: the exact mean over the batches seen
             m.train()
         source = batches if num_batches is None else itertools.islice(batches, num_batches)
         for batch in source:
@@ -135,6 +146,8 @@ def recalibrate_batchnorm(
                 _forward(model, batch, device)
             used += 1
     finally:
+        for hook in hooks:
+            hook.remove()
         for m, momentum in momenta:
             m.momentum = momentum
         for m, flag in modes:

@@ -12,6 +12,18 @@ C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``; about a second) in
 ``$HF_TDROP_CACHE``, else ``$XDG_CACHE_HOME/hf_tdrop``, else ``~/.cache/hf_tdrop``. Without a
 compiler the torch implementation is used and one warning says why; with ``HF_TDROP_NATIVE=0`` in
 the environment it is used without trying to compile. It is called through ``ctypes`` (no torch headers, no build step at install).
+
+Trust model: loading a shared library runs its code, so the cache must be writable by you alone.
+The kernel refuses (and the torch implementation is used, with one warning naming the reason) a
+cache folder or library file that is not owned by the current user or that the group or others
+may write to. At build time the library's SHA-256 is written beside it (``<library>.sha256``, by
+the same user, atomically); a cached library whose contents do not match its record is rebuilt
+before it is loaded. Point ``HF_TDROP_CACHE`` only at a folder of your own.
+
+Rows containing NaN: the kernel orders NaN above +inf (by the bits of ``|w|``) and always selects
+``k`` entries per row, NaN last; the torch implementation's choice in such rows differs (for
+example, none in an all-NaN row). "Same masks" holds for rows without NaN; a NaN weight means
+training has already diverged.
 """
 
 from __future__ import annotations
@@ -37,10 +49,11 @@ ENV_SWITCH = "HF_TDROP_NATIVE"
 ENV_CACHE = "HF_TDROP_CACHE"
 """Environment variable: the folder the compiled kernel is cached in."""
 SOURCE = Path(__file__).parent / "csrc" / "lowest_k_abs.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC"]
 _FLAG_SETS = (_BASE_FLAGS + ["-fopenmp"], _BASE_FLAGS)  # then without OpenMP (one thread per call)
 _OFF_VALUES = {"0", "false", "no", "off"}
+_ERRORS = {-1: "rejected its arguments", -2: "ran out of memory", -3: "failed with an internal error"}
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -78,20 +91,72 @@ def _library_path(compiler: str, flags: list[str]) -> Path:
     return cache_dir() / f"lowest_k_abs-{digest.hexdigest()[:16]}.so"
 
 
+def _check_private(path: Path, what: str) -> None:
+    """Refuse ``path`` unless it is owned by the current user and neither group- nor world-writable
+    (a library there would run with our rights). No-op where the OS has no user ids."""
+    if not hasattr(os, "getuid"):
+        return
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise RuntimeError(f"the kernel {what} {path} is not owned by the current user; refusing to use it")
+    if info.st_mode & 0o022:
+        raise RuntimeError(f"the kernel {what} {path} is writable by group or others; refusing to use it "
+                           f"(chmod go-w it, or point {ENV_CACHE} at a folder of your own)")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verified(path: Path) -> bool:
+    """Whether the cached library at ``path`` is ours, private, and matches its recorded hash."""
+    if not path.exists():
+        return False
+    _check_private(path, "library")
+    record = _record_path(path)
+    if not record.exists():
+        return False
+    _check_private(record, "hash record")
+    return record.read_text(encoding="ascii").strip() == _digest(path)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _build(compiler: str) -> Path:
-    """Compile the kernel into the cache (atomically: concurrent processes never load a partial file)."""
+    """Compile the kernel into the cache, or return the verified cached build (see the trust model
+    in the module docstring). Atomic: concurrent processes never load a partial file."""
     errors = []
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private(folder, "cache folder")
     for flags in _FLAG_SETS:
         path = _library_path(compiler, flags)
-        if path.exists():
+        if _verified(path):
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
             done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
+                os.chmod(tmp, 0o755)
+                digest = _digest(Path(tmp))
                 os.replace(tmp, path)
+                _write_atomically(_record_path(path), digest.encode("ascii"))
+                if not _verified(path):  # another process replaced it in between: load neither
+                    raise RuntimeError(f"the cached kernel {path} changed while it was being built")
                 return path
             errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
         finally:
@@ -181,18 +246,33 @@ def lowest_k_abs_bracketed(
     lib = library()
     if lib is None:
         raise RuntimeError(f"the compiled kernel is unavailable: {unavailable_reason()}")
+    if not isinstance(w2d, torch.Tensor) or not supports(w2d):
+        what = (f"a {type(w2d).__name__}" if not isinstance(w2d, torch.Tensor)
+                else f"a {w2d.dim()}-D {w2d.dtype} tensor on {w2d.device.type}")
+        raise ValueError(f"`w2d` must be a plain 2-D CPU float32/bfloat16/float16 tensor, got {what}.")
     rows, n = w2d.shape
-    if not 1 <= k < n:
-        raise ValueError(f"`k` must be in [1, {n - 1}] for rows of {n} entries, got {k}.")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise ValueError(f"`k` must be an integer in [1, {n - 1}] for rows of {n} entries, got {k!r}.")
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= 2**40:
+        raise ValueError(f"`margin` must be an integer in [0, 2**40], got {margin!r}.")
+    if (lower is None) != (upper is None):
+        raise ValueError("`lower` and `upper` must be given together (the previous call's bracket) or both be None.")
+    if lower is not None:
+        for name, bound in (("lower", lower), ("upper", upper)):
+            if (not isinstance(bound, torch.Tensor) or bound.device.type != "cpu" or bound.dtype != torch.float32
+                    or tuple(bound.shape) != (rows,)):
+                got = (f"{tuple(bound.shape)} {bound.dtype} on {bound.device.type}" if isinstance(bound, torch.Tensor)
+                       else type(bound).__name__)
+                raise ValueError(f"`{name}` must be a float32 CPU tensor of shape ({rows},) (one bound per row), "
+                                 f"got {got}.")
+        lower = lower.contiguous()
+        upper = upper.contiguous()
     w = w2d.detach()
     if w.dtype != torch.float32:
         w = w.float()  # keeps a transposed view's strides
     mask = torch.empty_like(w, dtype=torch.bool)
     new_lower = torch.empty(rows, dtype=torch.float32)
     new_upper = torch.empty(rows, dtype=torch.float32)
-    if lower is not None:
-        lower = lower.contiguous()
-        upper = upper.contiguous()
     failed = lib.tdrop_lowest_k_abs(
         w.data_ptr(), rows, n, w.stride(0), w.stride(1), k,
         None if lower is None else lower.data_ptr(), None if upper is None else upper.data_ptr(), margin,
@@ -200,5 +280,6 @@ def lowest_k_abs_bracketed(
         torch.get_num_threads(),
     )
     if failed < 0:
-        raise RuntimeError(f"the compiled kernel rejected shape {tuple(w.shape)} with k={k}")
+        reason = _ERRORS.get(failed, f"returned error code {failed}")
+        raise RuntimeError(f"the compiled kernel {reason} (shape {tuple(w.shape)}, k={k}, margin={margin})")
     return mask, new_lower, new_upper, int(failed)

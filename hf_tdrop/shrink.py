@@ -36,7 +36,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import masking
-from .patching import is_patched
+from .layers import HELD_ZEROS
+from .methods.base import CRITERION_ATTR
+from .patching import CONFIG_ATTR, is_patched
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +343,35 @@ def _keep_inputs(module: nn.Module, layout: str, keep: torch.Tensor) -> None:
         module.nx = int(keep.sum())
 
 
+def _slice_learned_criterion(module: nn.Module, keep: torch.Tensor, kept: str) -> None:
+    """Keep a layer's learned pruning scores (``layer.tdrop_criterion``, left by ``finalize_model``)
+    in step with its shrunk weight: the kept output units' rows, or the kept input columns."""
+    learned = module.__dict__.get(CRITERION_ATTR)
+    if learned is None:
+        return
+    scores = learned.scores
+    keep = keep.to(scores.device)
+    if kept == "outputs":
+        scores = scores[keep]
+    elif learned.granularity == "weight":  # [n_out, fan_in]: the kept inputs' columns
+        scores = scores[:, keep]
+    module.__dict__[CRITERION_ATTR] = type(learned)(learned.name, learned.granularity, scores.clone())
+
+
+def _patched_message(model: nn.Module) -> str:
+    """Why a patched model cannot be shrunk, naming its method and what unpatching keeps or drops."""
+    config = getattr(model, CONFIG_ATTR, None)
+    method = getattr(config, "method", "") or "targeted_dropout"
+    if method == "targeted_dropout":
+        return ("shrink_model: the model is patched with targeted dropout; call hf_tdrop.unpatch_model(model) "
+                "first (targeted dropout keeps the state_dict, so nothing is lost).")
+    return (f"shrink_model: the model is patched with the {method!r} training method; call "
+            "hf_tdrop.finalize_model(model) first. It folds the method's eval-time effect into the weights and "
+            "removes the method's own tensors (learned gates / log σ² / switches; a learned pruning order stays "
+            "on the layers for prune_model(method=...)), so the shrunk model computes what the patched one "
+            "computes in eval.")
+
+
 def shrink_model(
     model: nn.Module,
     *,
@@ -387,13 +418,20 @@ def shrink_model(
             f"supported model types: {sorted(SUPPORTED_MODEL_TYPES)}."
         )
     if is_patched(model):
-        raise ValueError(
-            "shrink_model: the model is patched with targeted dropout; call hf_tdrop.unpatch_model(model) "
-            "first (patching keeps the state_dict, so nothing is lost)."
-        )
+        raise ValueError(_patched_message(model))
     blocks = _find_blocks(model, model_type)
     if not blocks:
         raise ValueError(f"shrink_model: found no feed-forward block in this {model_type} model ({type(model).__name__}).")
+
+    held = [f"{b.name}.{part}" if b.name else part for b in blocks
+            for part, module in (("up", b.up), ("gate", b.gate), ("down", b.down)) if module is not None
+            for p in module.parameters(recurse=False) if p in HELD_ZEROS]
+    if held:
+        raise ValueError(
+            f"shrink_model: {len(held)} projection(s) have weights held at zero by hold_pruned (e.g. {held[0]}); "
+            "shrinking gives them new Parameters, which the hold would not follow. Call hold.remove() (or "
+            "hf_tdrop.release_pruned(model)) first, shrink, then hold_pruned(model, ...) again if needed."
+        )
 
     # ---- plan everything before touching the model --------------------------------------------
     dead = [_dead_units(b) for b in blocks]
@@ -448,6 +486,9 @@ def shrink_model(
             if b.gate is not None:
                 _keep_outputs(b.gate, b.gate_layout, keep)
             _keep_inputs(b.down, b.down_layout, keep)
+            for module, kept in ((b.up, "outputs"), (b.gate, "outputs"), (b.down, "inputs")):
+                if module is not None:
+                    _slice_learned_criterion(module, keep, kept)
         report_blocks.append(BlockShrink(name=b.name, size_field=b.size_field, width_before=width,
                                          dead_units=int(d.sum()), width_after=int(keep.sum())))
     changes = {}

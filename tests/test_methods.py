@@ -333,9 +333,11 @@ def test_smallify_masks_permanently_once_variance_reaches_threshold():
     torch.testing.assert_close(layer.smallify_sign_avg, torch.sign(layer.smallify_switch.detach()))
     x = torch.randn(2, 4)
     layer.train()
+    opt = torch.optim.SGD([layer.smallify_switch], lr=0.0)  # statistics move once per optimizer step
     flips = 0
     masked_at = None
     for step in range(40):
+        opt.step()
         with torch.no_grad():
             if step < 12:  # unit 0 flips its sign at every step, then stays positive
                 layer.smallify_switch[0] = (-1) ** (step + 1) * 0.5

@@ -267,7 +267,7 @@ def test_switch_and_unsupported_inputs_use_the_torch_path(monkeypatch):
 def test_kernel_rejects_k_outside_the_open_range():
     w = torch.randn(3, 8)
     for k in (0, 8, 9):
-        with pytest.raises(ValueError, match=r"`k` must be in \[1, 7\]"):
+        with pytest.raises(ValueError, match=r"`k` must be an integer in \[1, 7\]"):
             native.lowest_k_abs_bracketed(w, k, None, None, 4)
 
 
@@ -311,7 +311,8 @@ def test_no_compiler_on_the_path_is_reported_by_name(fresh_loader, monkeypatch):
 def test_kernel_is_compiled_once_into_the_cache_folder(fresh_loader, monkeypatch):
     assert native.available()
     built = list(fresh_loader.glob("lowest_k_abs-*.so"))
-    assert len(built) == 1 and not [p for p in fresh_loader.iterdir() if p not in built]  # no temporary left
+    record = built[0].with_name(built[0].name + ".sha256")
+    assert len(built) == 1 and sorted(fresh_loader.iterdir()) == sorted([built[0], record])  # no temporary left
     stamp = built[0].stat().st_mtime_ns
     # another process (a fresh loader) finds it there and does not compile again
     monkeypatch.setattr(native, "_attempted", False)
@@ -349,3 +350,94 @@ def test_selection_benchmark_prints_both_paths_and_checks_their_masks(capsys):
     with pytest.raises(SystemExit):
         run_benchmark("selection_kernel", ["--held_fraction", "1.5"], capsys)
     assert "--held_fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the entry point and the cache's trust
+
+
+@requires_kernel
+@pytest.mark.parametrize("bad, message", [
+    (lambda w: dict(w2d=torch.empty(3, 8, device="meta")), "plain 2-D CPU"),
+    (lambda w: dict(w2d=w.double()), "plain 2-D CPU"),
+    (lambda w: dict(w2d=w[None]), "plain 2-D CPU"),
+    (lambda w: dict(margin=-10), "`margin` must be an integer"),
+    (lambda w: dict(margin=2.5), "`margin` must be an integer"),
+    (lambda w: dict(lower=torch.zeros(2), upper=torch.ones(3)), r"`lower` must be a float32 CPU tensor of shape \(3,\)"),
+    (lambda w: dict(lower=torch.zeros(3), upper=None), "given together"),
+    (lambda w: dict(lower=torch.zeros(3, dtype=torch.float64), upper=torch.ones(3)), "`lower` must be a float32"),
+])
+def test_entry_point_validates_before_the_kernel_runs(bad, message):
+    """A meta tensor used to segfault, a negative margin to abort the process, a short bracket to
+    read out of bounds: each is now one ValueError naming the argument."""
+    w = torch.randn(3, 8)
+    kwargs = dict(w2d=w, k=3, lower=None, upper=None, margin=4)
+    kwargs.update(bad(w))
+    with pytest.raises(ValueError, match=message):
+        native.lowest_k_abs_bracketed(**kwargs)
+
+
+@requires_kernel
+def test_the_c_boundary_returns_error_codes_instead_of_throwing():
+    lib = native.library()
+    w = torch.randn(3, 8)
+    mask = torch.empty(3, 8, dtype=torch.bool)
+    lo, hi = torch.empty(3), torch.empty(3)
+    call = lambda margin, lower=None, upper=None: lib.tdrop_lowest_k_abs(  # noqa: E731
+        w.data_ptr(), 3, 8, 8, 1, 3, lower, upper, margin, mask.data_ptr(), 8, 1, lo.data_ptr(), hi.data_ptr(), 1)
+    assert call(-10) == -1  # used to throw std::length_error across extern "C" (abort)
+    assert call(4, lower=lo.data_ptr()) == -1  # a bracket needs both bounds
+    assert call(4) == 3  # a valid call still works: without a bracket every row counts as failed
+
+
+@requires_kernel
+def test_a_library_planted_in_the_cache_is_not_loaded(fresh_loader, tmp_path, monkeypatch):
+    assert native.available()
+    built = next(fresh_loader.glob("lowest_k_abs-*.so"))
+    # replace it by another library (a build of other source), without its hash record matching
+    planted = tmp_path / "planted.cpp"
+    planted.write_text('extern "C" { long long tdrop_abi_version() { return 2; } }\n')
+    subprocess.run([native._compiler(), "-shared", "-fPIC", str(planted), "-o", str(built)], check=True)
+    monkeypatch.setattr(native, "_attempted", False)
+    monkeypatch.setattr(native, "_library", None)
+    assert native.available()  # rebuilt from the package's source, then loaded
+    assert native._verified(built)
+    assert hasattr(native.library(), "tdrop_lowest_k_abs")
+    w = torch.randn(4, 9)
+    assert torch.equal(native.lowest_k_abs_bracketed(w, 4, None, None, 2)[0], stable_sort_lowest(w.abs(), 4))
+
+
+@requires_kernel
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no user ids on this OS")
+def test_a_cache_folder_others_may_write_is_refused(fresh_loader, monkeypatch, caplog):
+    fresh_loader.mkdir(mode=0o700)
+    os.chmod(fresh_loader, 0o777)
+    with caplog.at_level(logging.WARNING, logger="hf_tdrop.native"):
+        assert not native.available()
+    assert "writable by group or others" in native.unavailable_reason()
+    assert not list(fresh_loader.glob("*.so"))
+    w = torch.randn(6, 10)  # the torch path still selects
+    assert torch.equal(masking.targeted_weights_bracketed(w, 0.5)[0], stable_sort_lowest(w.abs(), 5))
+
+
+@requires_kernel
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no user ids on this OS")
+def test_a_cached_library_others_may_write_is_refused(fresh_loader, monkeypatch):
+    assert native.available()
+    built = next(fresh_loader.glob("lowest_k_abs-*.so"))
+    os.chmod(built, 0o777)
+    monkeypatch.setattr(native, "_attempted", False)
+    monkeypatch.setattr(native, "_library", None)
+    assert not native.available()
+    assert "writable by group or others" in native.unavailable_reason()
+
+
+@requires_kernel
+def test_nan_rows_follow_the_documented_kernel_order():
+    """The kernel orders NaN above +inf and always selects k per row (the torch path may differ in
+    rows with NaN, as the module docstring says)."""
+    w = torch.tensor([[float("nan"), 1.0, float("inf"), 0.5, float("nan")],
+                      [float("nan")] * 5])
+    mask = native.lowest_k_abs_bracketed(w, 3, None, None, 2)[0]
+    assert mask[0].tolist() == [False, True, True, True, False]
+    assert mask[1].tolist() == [True, True, True, False, False]  # all NaN: the lowest columns
+    assert "NaN" in native.__doc__

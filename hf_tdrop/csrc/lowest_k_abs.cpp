@@ -14,6 +14,8 @@
 // adjacent rows so that memory is read and written in storage order.
 
 #include <algorithm>
+#include <atomic>
+#include <new>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -290,23 +292,58 @@ int64_t select_block(const Params& p, int64_t r0, uint64_t* const* bands, std::v
   return failed;
 }
 
+// Error codes (negative returns of tdrop_lowest_k_abs).
+constexpr int64_t kBadArguments = -1;
+constexpr int64_t kOutOfMemory = -2;
+constexpr int64_t kInternalError = -3;
+
 template <int B>
 int64_t run(const Params& p, int num_threads) {
   const int64_t limit = band_limit(p.margin);
   const int64_t blocks = p.rows / B;  // full blocks; the last rows % B rows one at a time
   int64_t failed = 0;
+  std::atomic<int64_t> error{0};  // no exception may leave an OpenMP region: record it, skip the rest
 #pragma omp parallel num_threads(num_threads) reduction(+ : failed)
   {
-    std::vector<uint64_t> storage(p.lower ? B * (limit + 1) : 0);
+    std::vector<uint64_t> storage, keys;
+    bool ready = true;
+    try {
+      storage.resize(p.lower ? B * (limit + 1) : 0);
+      keys.resize(p.n);
+    } catch (const std::bad_alloc&) {
+      ready = false;
+      error.store(kOutOfMemory);
+    } catch (...) {
+      ready = false;
+      error.store(kInternalError);
+    }
     uint64_t* bands[B];
-    for (int b = 0; b < B; ++b) bands[b] = p.lower ? storage.data() + b * (limit + 1) : nullptr;
-    std::vector<uint64_t> keys(p.n);
+    for (int b = 0; b < B; ++b) bands[b] = (p.lower && ready) ? storage.data() + b * (limit + 1) : nullptr;
 #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) failed += select_block<B>(p, blk * B, bands, keys);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      if (!ready || error.load(std::memory_order_relaxed)) continue;
+      try {
+        failed += select_block<B>(p, blk * B, bands, keys);
+      } catch (const std::bad_alloc&) {
+        error.store(kOutOfMemory);
+      } catch (...) {
+        error.store(kInternalError);
+      }
+    }
 #pragma omp for schedule(static)
-    for (int64_t r = blocks * B; r < p.rows; ++r) failed += select_block<1>(p, r, bands, keys);
+    for (int64_t r = blocks * B; r < p.rows; ++r) {
+      if (!ready || error.load(std::memory_order_relaxed)) continue;
+      try {
+        failed += select_block<1>(p, r, bands, keys);
+      } catch (const std::bad_alloc&) {
+        error.store(kOutOfMemory);
+      } catch (...) {
+        error.store(kInternalError);
+      }
+    }
   }
-  return failed;
+  const int64_t code = error.load();
+  return code ? code : failed;
 }
 
 }  // namespace
@@ -314,7 +351,7 @@ int64_t run(const Params& p, int num_threads) {
 extern "C" {
 
 // Version of this ABI; the Python loader checks it.
-int64_t tdrop_abi_version() { return 1; }
+int64_t tdrop_abi_version() { return 2; }
 
 // out[r, c] = 1 for the k smallest |w[r, c]| of every row r (ties: lowest c), else 0, for
 // 1 <= k < n. w: float32 [rows, n] with strides (rs, cs) in elements; out: uint8 [rows, n] with
@@ -325,11 +362,19 @@ int64_t tdrop_lowest_k_abs(const float* w, int64_t rows, int64_t n, int64_t rs, 
                            const float* lower, const float* upper, int64_t margin, uint8_t* out,
                            int64_t ors, int64_t ocs, float* new_lower, float* new_upper, int num_threads) {
   Params p{w, rows, n, rs, cs, k, lower, upper, margin, out, ors, ocs, new_lower, new_upper};
-  if (rows <= 0 || n <= 0 || k < 1 || k >= n) return -1;
+  if (!w || !out || !new_lower || !new_upper || rows <= 0 || n <= 0 || k < 1 || k >= n || margin < 0 ||
+      margin > (int64_t(1) << 40) || (lower == nullptr) != (upper == nullptr))
+    return kBadArguments;
   if (num_threads < 1) num_threads = 1;
-  // rows adjacent in memory (a transposed view): blocks of 16 rows, read in storage order;
-  // otherwise one row at a time
-  return (rs == 1 && cs != 1) ? run<16>(p, num_threads) : run<1>(p, num_threads);
+  try {
+    // rows adjacent in memory (a transposed view): blocks of 16 rows, read in storage order;
+    // otherwise one row at a time
+    return (rs == 1 && cs != 1) ? run<16>(p, num_threads) : run<1>(p, num_threads);
+  } catch (const std::bad_alloc&) {
+    return kOutOfMemory;
+  } catch (...) {
+    return kInternalError;
+  }
 }
 
 }  // extern "C"

@@ -18,6 +18,7 @@ from .base import (
     check_choice,
     check_flag,
     n_units,
+    per_unit,
     register_method,
     settings,
     weight2d,
@@ -102,3 +103,19 @@ class RandomTarget(Method):
             keep = masking.to_weight_layout(keep, weight, getattr(module, METHOD_ATTR).layout)
             return module.compute(input, weight * keep, module.bias)
         return module.scale_units(module.compute(input, weight, module.bias), keep)
+
+    def fold(self, module):
+        """With ``drop_targeted_at_eval`` the eval layer zeroes its targeted set: zero those weights
+        (unit mode: the targeted units' weights and biases) so the plain layer computes the same."""
+        config: RandomTargetConfig = settings(module)
+        if not config.drop_targeted_at_eval:
+            return
+        targeted = targeted_set(module)
+        weight = module.weight
+        if config.mode == "weight":
+            drop = masking.to_weight_layout(targeted, weight, getattr(module, METHOD_ATTR).layout)
+            weight.masked_fill_(drop.to(torch.bool), 0.0)
+            return
+        weight.mul_(per_unit(module, (~targeted).to(weight.dtype)))
+        if module.bias is not None:
+            module.bias.masked_fill_(targeted, 0.0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers import optimizer_steps
 from .base import Method, MethodConfig, check_number, n_units, per_unit, register_method, settings
 
 SWITCH = "smallify_switch"
@@ -27,8 +28,10 @@ class SmallifyConfig(MethodConfig):
         momentum: of the sign moving averages, in [0, 1) (default 0.9).
         threshold: a unit is masked for good once its sign-flip variance is ``>= threshold`` (default 0.5).
 
-    Switches start uniform in [0, 1). The moving averages are updated at every training forward
-    pass (the reference's semantics; with gradient accumulation several times per update).
+    Switches start uniform in [0, 1). The moving averages are updated once per optimizer step, at
+    the first training forward pass after it (the reference's semantics, which updates at every
+    training step): the micro-batches of gradient accumulation and the recomputation of gradient
+    checkpointing see the same mask and count once.
     """
 
     l1: float = 1e-4
@@ -64,6 +67,9 @@ class Smallify(Method):
     config_class = SmallifyConfig
     extra_tensors = (SWITCH, MASK, SIGN_AVG, SIGN_VAR)
 
+    def __init__(self):
+        self._updated_at: "int | None" = None  # optimizer step of the switch at the last statistics update
+
     def setup(self, module, config):
         weight = module.weight
         switch = torch.rand(n_units(module), device=weight.device, dtype=torch.float32)
@@ -74,7 +80,10 @@ class Smallify(Method):
 
     def forward(self, module, input):  # noqa: A002
         if module.training:
-            update_mask(module)
+            step = optimizer_steps(getattr(module, SWITCH))
+            if step != self._updated_at:
+                update_mask(module)
+                self._updated_at = step
         gates = getattr(module, SWITCH) * getattr(module, MASK)
         return module.scale_units(module.compute(input, module.weight, module.bias), gates)
 
