@@ -10,25 +10,69 @@ the values an uninterrupted run would.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from typing import Optional
 
 from transformers import TrainerCallback
 
 from ._utils import unwrap_model
 from .batchnorm import DEFAULT_RECALIBRATION_BATCHES, check_num_batches, has_batchnorm, recalibrate_batchnorm
-from .config import TargetedDropoutConfig
+from .config import TRAINING_CONFIG_NAME, TargetedDropoutConfig
 from .patching import CONFIG_ATTR, is_patched, patch_model, set_targeting
-from .schedules import TargetingSchedule, record_schedule
+from .schedules import (
+    TargetingSchedule,
+    check_config_agrees,
+    record_schedule,
+    record_targeting,
+    warn_if_patched_differently,
+)
 
 logger = logging.getLogger(__name__)
 
 LOG_KEYS = ("tdrop_alpha", "tdrop_gamma")
 """Keys under which :class:`TargetedDropoutCallback` adds α and γ to the Trainer's training logs."""
 
+_PATCH_FIELDS_IGNORED = ("alpha", "gamma", "extra")
+"""Config fields a schedule (or its record) changes; the others decide which layers are patched and how."""
+
+
+def _same_patching(a, b) -> bool:
+    """True if two configs patch the same layers the same way (α/γ and ``extra`` aside)."""
+    if type(a) is not type(b):
+        return False
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a)
+               if f.name not in _PATCH_FIELDS_IGNORED)
+
+
+def _save_training_config(model, directory: str, state) -> None:
+    """Write the model's training config (``model.tdrop_config``) as ``tdrop_training_config.json``
+    into ``directory``, on the main process; the command line reads its targets from there."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None or not directory or not getattr(state, "is_world_process_zero", True):
+        return
+    try:
+        config.save_pretrained(directory)
+    except OSError as err:  # a read-only or vanished directory must not fail the training run
+        logger.warning("Could not write %s into %s: %s", TRAINING_CONFIG_NAME, directory, err)
+
+
+def _checkpoint_dir(args, state) -> str:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
 
 class TargetedDropoutCallback(TrainerCallback):
     """Ramp targeted dropout's α and γ during ``Trainer`` / ``Seq2SeqTrainer`` training.
+
+    One source of truth for α/γ: the schedule's targets are what is trained. ``config`` (which
+    only says how to patch) must have the same α/γ (else ``ValueError`` at construction); a model
+    already patched with other α/γ gets one warning at train start. Every time the callback applies
+    α/γ it also writes them to ``model.tdrop_config.alpha``/``gamma``, so the config that
+    :func:`hf_tdrop.save_pruned` and ``tdrop_training_config.json`` record holds the values actually
+    applied (after training: the targets, or where the ramp stopped if it was cut short).
 
     - ``on_train_begin``: optionally patches the model from ``config``; raises ``ValueError`` if
       the model has no patched layer; resolves a ``ramp_fraction`` schedule from
@@ -37,6 +81,9 @@ class TargetedDropoutCallback(TrainerCallback):
       in ``model.tdrop_config.extra["schedule"]``; applies ``schedule.at(state.global_step)``.
     - ``on_step_begin``: applies ``schedule.at(state.global_step)`` — the values used by all the
       forward passes of that optimizer update.
+    - ``on_save``: writes the training config (``tdrop_training_config.json``: mode, targets,
+      α/γ, schedule) into the checkpoint directory just saved, so ``hf-tdrop prune`` prunes the
+      layers that were trained.
     - ``on_log``: adds ``tdrop_alpha`` / ``tdrop_gamma`` — the values used by the update just
       finished, i.e. ``schedule.at(step - 1)`` for a log entry at ``step`` (like the Trainer's
       ``learning_rate``) — to every training log (the entries carrying ``loss``), both to the
@@ -48,7 +95,9 @@ class TargetedDropoutCallback(TrainerCallback):
       statistics gathered during training are those of the thinned network, and a checkpoint saved
       with them evaluates far below its real accuracy. ``Trainer.save_model`` after ``train()``
       then saves statistics of the network as it is evaluated (the per-epoch resume checkpoints
-      written during training keep the training statistics).
+      written during training keep the training statistics). Finally it writes
+      ``tdrop_training_config.json`` into ``args.output_dir`` (with ``save_config``; when you save
+      the model elsewhere, call ``model.tdrop_config.save_pretrained(that_dir)``).
 
     The Trainer calls its ``report_to`` integrations (TensorBoard, W&B, ...) *before* callbacks
     passed as ``Trainer(callbacks=[...])``; for α/γ to reach them, add the callback with
@@ -58,20 +107,31 @@ class TargetedDropoutCallback(TrainerCallback):
     Args:
         schedule: the :class:`TargetingSchedule`.
         config: optional :class:`TargetedDropoutConfig`; if given, an unpatched model is patched
-            with it at ``on_train_begin`` (a model already patched with an equal config is accepted).
+            with it at ``on_train_begin`` (a model already patched the same way — same mode,
+            targets and options — is accepted). Its ``alpha``/``gamma`` must equal the schedule's.
         log_values: add ``tdrop_alpha``/``tdrop_gamma`` to the logs (default True).
         bn_recalibration_batches: training batches used to re-estimate BatchNorm statistics at the
             end of training (default 50; ``0`` turns it off; ignored for models without BatchNorm).
+        save_config: write ``tdrop_training_config.json`` into every checkpoint and, at the end of
+            training, into ``args.output_dir`` (default True).
+
+    Raises:
+        ValueError: a bad argument, or ``config``'s α/γ differ from the schedule's targets.
     """
 
     def __init__(self, schedule: TargetingSchedule, config: Optional[TargetedDropoutConfig] = None,
-                 log_values: bool = True, bn_recalibration_batches: int = DEFAULT_RECALIBRATION_BATCHES):
+                 log_values: bool = True, bn_recalibration_batches: int = DEFAULT_RECALIBRATION_BATCHES,
+                 save_config: bool = True):
         if not isinstance(schedule, TargetingSchedule):
             raise ValueError(f"`schedule` must be a TargetingSchedule, got {type(schedule).__name__}.")
         if config is not None and not isinstance(config, TargetedDropoutConfig):
             raise ValueError(f"`config` must be a TargetedDropoutConfig or None, got {type(config).__name__}.")
-        if not isinstance(log_values, bool):
-            raise ValueError(f"`log_values` must be True or False, got {log_values!r}.")
+        if config is not None:
+            check_config_agrees(config, schedule, "TargetedDropoutCallback")
+        for flag, value in (("log_values", log_values), ("save_config", save_config)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
+        self.save_config = save_config
         if bn_recalibration_batches != 0:
             check_num_batches(bn_recalibration_batches, "bn_recalibration_batches", allow_none=False)
         self.bn_recalibration_batches = bn_recalibration_batches
@@ -99,6 +159,7 @@ class TargetedDropoutCallback(TrainerCallback):
     def _apply(self, step: int) -> None:
         values = self.resolved_schedule.at(step)
         set_targeting(self._model, alpha=values["alpha"], gamma=values["gamma"])
+        record_targeting(self._model, values)
         self._last_values = values
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -108,7 +169,7 @@ class TargetedDropoutCallback(TrainerCallback):
         if self.config is not None:
             if not is_patched(model):
                 patch_model(model, config=self.config)
-            elif getattr(model, CONFIG_ATTR, None) != self.config:
+            elif not _same_patching(getattr(model, CONFIG_ATTR, None), self.config):
                 raise ValueError(
                     "TargetedDropoutCallback(config=...): the model is already patched with different settings "
                     f"({getattr(model, CONFIG_ATTR, None)}); drop `config` or call unpatch_model(model) first."
@@ -119,6 +180,8 @@ class TargetedDropoutCallback(TrainerCallback):
                 "dropout. Call hf_tdrop.patch_model(model, ...) before training, or pass "
                 "TargetedDropoutCallback(schedule, config=TargetedDropoutConfig(...)) to patch it at train start."
             )
+        else:
+            warn_if_patched_differently(model, self.schedule, "TargetedDropoutCallback")
         self._model = model
         self.resolved_schedule = self.schedule.resolve(state.max_steps)
         self.resolved_schedule.check_total_steps(state.max_steps)
@@ -144,10 +207,16 @@ class TargetedDropoutCallback(TrainerCallback):
                 and "loss" in state.log_history[-1]:
             state.log_history[-1].update(values)
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.save_config and self._model is not None and os.path.isdir(_checkpoint_dir(args, state)):
+            _save_training_config(self._model, _checkpoint_dir(args, state), state)
+
     def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
         if self._model is None:
             return
         self._apply(state.global_step)
+        if self.save_config:
+            _save_training_config(self._model, args.output_dir, state)
         if self.bn_recalibration_batches and has_batchnorm(self._model):
             if train_dataloader is None:
                 logger.warning("TargetedDropoutCallback: the Trainer passed no train_dataloader to on_train_end; "
@@ -174,7 +243,10 @@ class RegularizationCallback(TrainerCallback):
     gradient clipping (``max_grad_norm``) has already run and does not see this gradient, and the
     logged ``loss`` is the task loss; the term itself is logged as ``regularization_loss``.
     The method's extra parameters are trained by the Trainer's optimizer (patch the model before
-    ``Trainer.train()`` creates it) and checkpointed with the model.
+    ``Trainer.train()`` creates it) and checkpointed with the model. With ``save_config`` (default
+    True) the method's config is written as ``tdrop_training_config.json`` into every checkpoint and,
+    at the end of training, into ``args.output_dir``: with it, ``hf-tdrop prune --method gates`` can
+    prune a checkpoint saved during training (its weights still hold the learned scores).
 
     Example::
 
@@ -185,11 +257,14 @@ class RegularizationCallback(TrainerCallback):
         finalize_model(model)
     """
 
-    def __init__(self, log_values: bool = True):
-        if not isinstance(log_values, bool):
-            raise ValueError(f"`log_values` must be True or False, got {log_values!r}.")
+    def __init__(self, log_values: bool = True, save_config: bool = True):
+        for flag, value in (("log_values", log_values), ("save_config", save_config)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
         self.log_values = log_values
+        self.save_config = save_config
         self._last: Optional[float] = None
+        self._model = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from .methods.base import method_layers
@@ -197,6 +272,15 @@ class RegularizationCallback(TrainerCallback):
         if model is None or not method_layers(unwrap_model(model)):
             raise ValueError("RegularizationCallback: the model has no layer patched with a training method; "
                              "call hf_tdrop.patch_model(model, config=...) before Trainer.train().")
+        self._model = unwrap_model(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.save_config and self._model is not None and os.path.isdir(_checkpoint_dir(args, state)):
+            _save_training_config(self._model, _checkpoint_dir(args, state), state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.save_config and self._model is not None:
+            _save_training_config(self._model, args.output_dir, state)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         import torch

@@ -9,8 +9,14 @@ Examples::
 
 The model is loaded with ``AutoConfig`` and the Auto class whose mapping holds the config's
 ``architectures[0]`` (e.g. ``AutoModelForSequenceClassification`` for ``BertForSequenceClassification``),
-falling back to ``AutoModel``. Every argument is checked before anything is written; a bad argument
-exits with status 2 and a one-line reason, a failure while running with status 1.
+falling back to ``AutoModel``. Without ``--target-modules``, ``prune`` prunes the layers the model
+was trained with, as recorded in its ``tdrop_training_config.json``. Every argument is checked
+before anything is written; a bad argument exits with status 2 and a one-line reason, a failure
+while running with status 1.
+
+This module imports only the standard library at import time: torch, transformers and the rest
+of hf_tdrop are loaded after the arguments are parsed and checked, so ``--help`` and argument
+errors answer at once.
 """
 
 from __future__ import annotations
@@ -22,8 +28,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
-
-from .hub import auto_class_for
 
 logger = logging.getLogger("hf_tdrop.cli")
 
@@ -100,13 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="nm mode: group size, consecutive inputs of each w_o (default 4)")
     prune.add_argument("--method", choices=("magnitude", "random", "gates", "log_alpha"), default="magnitude",
                        help="smallest |w| / ||w_o||_2 first (the paper's criterion), random, or a learned criterion "
-                            "(gates: L0 log alpha; log_alpha: variational dropout), which needs a model that "
-                            "carries it (default: magnitude)")
+                            "(gates: L0 log alpha; log_alpha: variational dropout), read from MODEL's "
+                            "tdrop_criteria.safetensors (written by save_pruned / save_learned_criteria) or from "
+                            "a checkpoint saved while still patched, with its tdrop_training_config.json "
+                            "(default: magnitude)")
     prune.add_argument("--target-modules", nargs="+", metavar="PATTERN", default=None,
                        help="layers to prune: full names, dotted suffixes (e.g. 'intermediate.dense') or regexes "
-                            "(default: every Linear/Conv1D/Conv layer except output heads and tied layers)")
+                            "(default: the layers MODEL was trained with, as its tdrop_training_config.json "
+                            "records them; without one, every Linear/Conv1D/Conv layer except output heads and "
+                            "tied layers)")
     prune.add_argument("--exclude-modules", nargs="+", metavar="PATTERN", default=None,
-                       help="layers never to prune (same pattern rules)")
+                       help="layers never to prune (same pattern rules; added to the recorded exclusions)")
     prune.add_argument("--seed", type=_seed, default=0, help="seed of --method random (default: 0)")
     prune.add_argument("--shrink", action="store_true",
                        help="after unit pruning, physically remove dead feed-forward units (needs --mode unit; "
@@ -204,6 +212,8 @@ def _load_config(model: str):
 
 
 def _load_model(model: str, config):
+    from .hub import auto_class_for
+
     auto_cls = auto_class_for(config)
     logger.info("Loading %s with %s", model, auto_cls.__name__)
     try:
@@ -227,18 +237,138 @@ def _load_preprocessor(model: str, is_local: bool):
 
 
 def _training_config_from(model: str, is_local: bool):
-    """The training config saved with a local model (``TargetedDropoutConfig.from_pretrained``), or None."""
+    """``(config, file name)``: the training config saved with a local model (its
+    ``tdrop_training_config.json``, or the one recorded in a ``tdrop_config.json`` that
+    ``save_pruned`` wrote) -- a :class:`TargetedDropoutConfig` or another method's config -- or
+    ``(None, None)``."""
     if not is_local:
-        return None
-    from .config import TargetedDropoutConfig
+        return None, None
+    from .config import _read_config_file
+    from .methods.base import config_from_dict
 
     try:
-        return TargetedDropoutConfig.from_pretrained(model)
+        data, path = _read_config_file(Path(model))
+        return config_from_dict(data), path.name
     except FileNotFoundError:
+        return None, None
+    except (TypeError, ValueError) as err:
+        logger.warning("Not recording a training config (nor taking pruning targets from it): %s", _one_line(err))
+        return None, None
+
+
+def _merge_patterns(*specs) -> Optional[list[str]]:
+    from .config import check_target_spec
+
+    merged = [p for spec in specs for p in (check_target_spec("exclude_modules", spec) or ())]
+    return list(dict.fromkeys(merged)) or None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _method_tensors(model_dir: Path) -> dict:
+    """``{method name: {state_dict key: tensor}}`` of the training-method tensors (L0 ``log α``,
+    variational ``log σ²``, ...) in a checkpoint saved while the model was still patched."""
+    from safetensors import safe_open
+
+    from .methods.base import _REGISTRY
+
+    suffixes = {f".{t}": name for name, handler in _REGISTRY.items() for t in handler.extra_tensors}
+    found: dict = {}
+    for file in _weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                method = next((m for suffix, m in suffixes.items() if key.endswith(suffix)), None)
+                if method is not None:
+                    found.setdefault(method, {})[key] = handle.get_tensor(key)
+    return found
+
+
+def _restore_method(model, model_dir: Path, training_config, required: bool) -> Optional[str]:
+    """For a checkpoint saved while patched with a training method (its weights hold the method's
+    tensors) and whose ``tdrop_training_config.json`` records that method's config: patch the model
+    with it, load the tensors and ``finalize_model`` it, so it computes what the trained model
+    computed and its layers carry the learned scores. Returns the method's name, or None when the
+    checkpoint holds no such tensors. When the config to restore them is missing: ``UsageError`` if
+    ``required`` (a learned ``--method``), else a warning (the raw weights are pruned as they are)."""
+    from .layers import METHOD_ATTR
+    from .methods.base import MethodConfig, finalize_model, method_layers
+    from .patching import patch_model
+
+    found = _method_tensors(model_dir)
+    if not found:
         return None
-    except ValueError as err:
-        logger.warning("Not recording a training config: %s", _one_line(err))
+    method, tensors = next(iter(found.items()))
+    if len(found) > 1:
+        raise RuntimeError(f"MODEL's weights hold the tensors of several training methods ({sorted(found)}); "
+                           "cannot tell which one the model was trained with.")
+    if not isinstance(training_config, MethodConfig) or training_config.method != method:
+        example = next(iter(tensors)).rsplit(".", 1)[-1]
+        if not required:
+            logger.warning("MODEL's weights hold the %r tensors of the %r training method, but no "
+                           "tdrop_training_config.json records its settings: pruning the weights as they are, "
+                           "without the method's effect folded in.", example, method)
+            return None
+        raise UsageError(
+            f"MODEL's weights hold the {example!r} tensors of the {method!r} training method, but no "
+            f"tdrop_training_config.json in it records that method's settings; write the config the model was "
+            f"trained with, e.g. `python -c \"import hf_tdrop; hf_tdrop.method_config('{method}', ...)"
+            f".save_pretrained('{model_dir}')\"`, and run this command again")
+    patch_model(model, config=training_config)
+    state_keys = set(model.state_dict())
+    wanted = sorted(key for name, layer in method_layers(model) for t in getattr(layer, METHOD_ATTR).handler.extra_tensors
+                    if (key := f"{name}.{t}" if name else t) in state_keys)
+    missing = [k for k in wanted if k not in tensors]
+    unexpected = sorted(set(tensors) - set(wanted))
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the recorded config does not patch"
+        raise RuntimeError(f"MODEL's {method} tensors do not fit its tdrop_training_config.json: the checkpoint {what}.")
+    model.load_state_dict(tensors, strict=False)
+    finalize_model(model)
+    logger.info("Restored the %s training state of %d layers from MODEL's weights and folded it in "
+                "(finalize_model).", method, len(wanted))
+    return method
+
+
+def _criteria_dir(model: str, is_local: bool) -> Optional[Path]:
+    """The directory holding MODEL's learned-scores sidecar, or None (a Hub id: downloaded if it has one)."""
+    from .hub import CRITERIA_NAME, criteria_file
+
+    if is_local:
+        return Path(model) if criteria_file(model) is not None else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, CRITERIA_NAME)).parent
+    except Exception:  # noqa: BLE001 - no sidecar on the Hub, or the Hub is unreachable
         return None
+
+
+def _require_learned_scores(model, args, is_local: bool, restored: Optional[str]) -> None:
+    """Make sure the layers carry the learned scores ``--method`` needs: restored from a patched
+    checkpoint, or read from the sidecar; else a one-line usage error saying what to run."""
+    from .hub import CRITERIA_NAME, load_learned_criteria
+    from .methods.base import CRITERION_ATTR, learned_criteria
+
+    if restored is None:
+        directory = _criteria_dir(args.model, is_local)
+        if directory is not None:
+            loaded = load_learned_criteria(model, directory)
+            logger.info("Read the learned scores of %d layers from %s.", len(loaded), directory)
+    if any(getattr(m.__dict__.get(CRITERION_ATTR), "name", None) == args.method for m in model.modules()):
+        return
+    method = learned_criteria()[args.method]
+    raise UsageError(
+        f"--method {args.method} needs the learned {method} scores, and MODEL carries none: it has no "
+        f"{CRITERIA_NAME} and its weights hold no {method} tensors. A finalised model keeps them in memory only: "
+        f"save them beside its weights from Python with `hf_tdrop.save_learned_criteria(model, '{args.model}')` "
+        f"(hf_tdrop.save_pruned writes them too) and run this command again, or prune with --method magnitude")
 
 
 def _one_line(err: BaseException) -> str:
@@ -246,20 +376,36 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _run_prune(args) -> int:
-    from .hub import check_output_dir, push_pruned_to_hub, save_pruned
-    from .pruning import check_prune_settings
+def _check_prune_numbers(sparsity, mode: str, n, m):
+    """``(sparsity, n, m)`` of ``hf-tdrop prune``, checked as ``prune_model`` checks them, without
+    importing torch; nm mode's defaults filled in (sparsity 1, 2:4)."""
+    import math
 
-    # ---- validate everything before loading or writing anything ------------------------------
-    if args.mode != "nm" and (args.n is not None or args.m is not None):
+    from .config import check_fraction, check_nm
+
+    if mode != "nm" and (n is not None or m is not None):
         raise UsageError("--n/--m set the N:M pattern of --mode nm")
-    if args.mode != "nm" and args.sparsity is None:
-        raise UsageError(f"--sparsity is required with --mode {args.mode} (a fraction in [0, 1))")
+    if mode != "nm" and sparsity is None:
+        raise UsageError(f"--sparsity is required with --mode {mode} (a fraction in [0, 1))")
     try:
-        args.sparsity, args.n, args.m = check_prune_settings(args.sparsity, args.mode, args.n, args.m)
+        if mode == "nm":
+            n, m = check_nm(2 if n is None else n, 4 if m is None else m)
+            sparsity = 1.0 if sparsity is None else check_fraction(
+                "sparsity", sparsity, meaning="fraction of groups pruned to N:M in mode 'nm'")
+            return sparsity, n, m
     except ValueError as err:
         message = str(err).replace("`n`", "--n").replace("`m`", "--m").replace("`sparsity`", "--sparsity")
         raise UsageError(message.rstrip(".")) from None
+    if math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity!r}")
+    return sparsity, None, None
+
+
+def _run_prune(args) -> int:
+    from .hub import check_output_dir
+
+    # ---- validate everything before loading or writing anything (no torch import yet) -------
+    args.sparsity, args.n, args.m = _check_prune_numbers(args.sparsity, args.mode, args.n, args.m)
     if args.shrink and args.mode != "unit":
         raise UsageError("--shrink needs --mode unit (only whole dead units can be removed)")
     if args.output is None and args.push_to_hub is None:
@@ -301,22 +447,39 @@ def _run_prune(args) -> int:
     # ---- load, prune, shrink (in memory) ------------------------------------------------------
     import torch
 
-    from .pruning import prune_model
+    from .config import TargetedDropoutConfig
+    from .hub import push_pruned_to_hub, save_pruned
+    from .pruning import METHODS, prune_model
     from .shrink import shrink_model
 
     model = _load_model(args.model, config)
     model.eval()
     preprocessor = _load_preprocessor(args.model, is_local)
+    training_config, config_file = _training_config_from(args.model, is_local)
+    restored = (_restore_method(model, Path(args.model), training_config, required=args.method not in METHODS)
+                if is_local else None)
+    if args.method not in METHODS:
+        _require_learned_scores(model, args, is_local, restored)
+    # targets: --target-modules, else those recorded with the training config, else prune_model's default
+    target_modules, exclude_modules, source = args.target_modules, args.exclude_modules, None
+    if target_modules is None and training_config is not None:
+        target_modules = training_config.target_modules
+        exclude_modules = _merge_patterns(training_config.exclude_modules, args.exclude_modules)
+        source = config_file
     generator = torch.Generator().manual_seed(args.seed) if args.method == "random" else None
     try:
         prune_report = prune_model(model, args.sparsity, mode=args.mode, method=args.method, n=args.n, m=args.m,
-                                   target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+                                   target_modules=target_modules, exclude_modules=exclude_modules,
                                    generator=generator)
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
+        where = f" (targets recorded in MODEL's {source})" if source else ""
+        raise UsageError(_one_line(err) + where) from None
+    if source is not None:
+        prune_report.target_source = source
     what = (f"{args.method} {args.n}:{args.m} pruning of {args.sparsity:g} of the groups" if args.mode == "nm"
             else f"{args.method} {args.mode} pruning at sparsity {args.sparsity:g}")
     print(f"Pruned {prune_report.pruned_fraction:.2%} of the weights of {len(prune_report.layers)} layers ({what}).")
+    print(f"Targets: {prune_report.describe_targets()}.")
     shrink_report = None
     if args.shrink:
         shrink_report = shrink_model(model, on_uneven=args.on_uneven)
@@ -325,7 +488,8 @@ def _run_prune(args) -> int:
     # ---- write ------------------------------------------------------------------------------------
     base_model = args.base_model or (None if is_local else args.model)
     save_kwargs = dict(tokenizer_or_processor=preprocessor, prune_report=prune_report, shrink_report=shrink_report,
-                       base_model=base_model, training_config=_training_config_from(args.model, is_local))
+                       base_model=base_model,
+                       training_config=training_config if isinstance(training_config, TargetedDropoutConfig) else None)
     if args.output is not None:
         out = save_pruned(model, args.output, overwrite=args.overwrite, **save_kwargs)
         print(f"Saved to {out}")

@@ -11,7 +11,10 @@
 * ``README.md``: a model card with Hub metadata (``library_name: transformers``, tags
   ``hf-tdrop``/``targeted-dropout``/``pruned``, ``base_model``) and the sparsity report, shrink report
   and pruning-sweep table/plot;
-* ``sweep.md/.csv/.json/.png`` when a sweep is given.
+* ``sweep.md/.csv/.json/.png`` when a sweep is given;
+* ``tdrop_criteria.safetensors`` when layers carry learned pruning scores (L0 gates, variational
+  dropout's ``log α``; see :func:`save_learned_criteria`), so the saved model can be pruned by them
+  again (:func:`load_learned_criteria`, ``hf-tdrop prune --method gates``).
 
 :func:`push_pruned_to_hub` writes the same folder to a temporary directory and uploads it with
 ``huggingface_hub.HfApi.upload_folder``. The token comes from the argument or from the usual
@@ -27,18 +30,20 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from torch import nn
-
-from ._utils import write_json
 from .config import TargetedDropoutConfig, check_mode
-from .layers import METHOD_ATTR
-from .patching import CONFIG_ATTR, is_patched, targeted_layers
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the command line starts fast
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
 TDROP_CONFIG_NAME = "tdrop_config.json"
+CRITERIA_NAME = "tdrop_criteria.safetensors"
+"""Sidecar of a checkpoint holding learned pruning scores (:func:`save_learned_criteria`)."""
+LEGACY_CRITERIA_NAME = "learned_criterion.pt"
+"""Older sidecar (``torch.save`` of ``{layer: {"name", "granularity", "scores"}}``), still read."""
 TRAINING_CONFIG_KEY = "targeted_dropout"
 """Entry of ``tdrop_config.json`` holding the training config (``TargetedDropoutConfig.to_dict()``) or null."""
 MODEL_CARD_NAME = "README.md"
@@ -87,8 +92,10 @@ def _check_sweep(sweep: Any) -> Optional[list]:
 
 def _check_training_config(model: nn.Module, training_config: Any) -> Optional[TargetedDropoutConfig]:
     if training_config is None:
+        from .patching import CONFIG_ATTR
+
         found = getattr(model, CONFIG_ATTR, None)
-        return found if isinstance(found, TargetedDropoutConfig) else None
+        return _as_applied(model, found) if isinstance(found, TargetedDropoutConfig) else None
     if isinstance(training_config, TargetedDropoutConfig):
         return training_config
     if isinstance(training_config, Mapping):
@@ -97,6 +104,24 @@ def _check_training_config(model: nn.Module, training_config: Any) -> Optional[T
         f"`training_config` must be None, a TargetedDropoutConfig or a dict of its fields, "
         f"got {type(training_config).__name__}."
     )
+
+
+def _as_applied(model: nn.Module, config: TargetedDropoutConfig) -> TargetedDropoutConfig:
+    """``config`` with the α/γ its patched layers hold now (what training last applied, e.g. the
+    schedule's values), when every layer agrees; ``config`` itself otherwise."""
+    import dataclasses
+
+    from .patching import get_targeting, is_patched
+
+    if not is_patched(model):
+        return config
+    try:
+        applied = get_targeting(model)
+    except ValueError:  # layers disagree or carry no α/γ: nothing single to record
+        return config
+    if (applied["alpha"], applied["gamma"]) == (config.alpha, config.gamma):
+        return config
+    return dataclasses.replace(config, alpha=applied["alpha"], gamma=applied["gamma"], extra=dict(config.extra))
 
 
 def _json_ready(name: str, value: Any) -> Any:
@@ -117,6 +142,8 @@ def _pruning_info(prune_report: Any, sparsity: Any, mode: Any, method: Any, n: A
     info: dict = {}
     if prune_report is not None:
         info = {"sparsity": prune_report.sparsity, "mode": prune_report.mode, "method": prune_report.method,
+                "target_source": prune_report.target_source, "target_modules": prune_report.target_modules,
+                "exclude_modules": prune_report.exclude_modules,
                 "layers": [layer.name for layer in prune_report.layers],
                 "pruned_fraction": prune_report.pruned_fraction}
         if prune_report.mode == "nm":
@@ -219,6 +246,12 @@ def _sweep_markdown(runs: list) -> str:
     return "\n\n".join(combine_sweeps(runs, metric).to_markdown() for metric in common)
 
 
+def _patterns_md(patterns: Any) -> str:
+    """Layer patterns for a Markdown table cell: each as a code span, as written (pipes escaped)."""
+    items = [patterns] if isinstance(patterns, str) else list(patterns)
+    return ", ".join("`" + str(p).replace("|", "\\|") + "`" for p in items)
+
+
 def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo_id: Optional[str],
                 sparsity_md: Optional[str], shrink_md: Optional[str], sweep_md: Optional[str],
                 sweep_png: Optional[str]):
@@ -249,11 +282,22 @@ def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo
             note = "" if exact is None else (" (exact in every pruned layer)" if exact else f" (NOT exact: see {TDROP_CONFIG_NAME})")
             rows.append(("N:M pattern", f"{pruning['n']}:{pruning['m']}{note}"))
         if "layers" in pruning:
-            rows.append(("pruned layers", str(len(pruning["layers"]))))
+            source = pruning.get("target_source")
+            rows.append(("pruned layers", str(len(pruning["layers"])) + (f" ({source})" if source else "")))
+        if pruning.get("target_modules") is not None:
+            rows.append(("pruned targets", _patterns_md(pruning["target_modules"])))
+        if pruning.get("exclude_modules"):
+            rows.append(("excluded from pruning", _patterns_md(pruning["exclude_modules"])))
     if training:
         rows += [("targeted dropout α (alpha)", _fmt_num(training["alpha"])),
                  ("targeted dropout γ (gamma)", _fmt_num(training["gamma"])),
                  ("targeted dropout mode", training["mode"])]
+        if training.get("target_modules") is not None:
+            rows.append(("trained targets", _patterns_md(training["target_modules"])))
+    if meta.get("learned_criteria"):
+        learned = meta["learned_criteria"]
+        rows.append(("learned pruning scores", f"{', '.join(learned['criteria'])} ({len(learned['layers'])} layers, "
+                                               f"[`{learned['file']}`]({learned['file']}))"))
     if meta.get("schedule"):
         rows.append(("schedule", f"`{json.dumps(meta['schedule'], sort_keys=True)}`"))
     if rows:
@@ -313,7 +357,8 @@ def save_pruned(
         sweep: a :class:`hf_tdrop.SweepResult` or a list of them: written as ``sweep.md/.csv/.json/.png``
             and shown in the model card (several runs side by side, one table per shared metric).
         prune_report: the :class:`hf_tdrop.PruneReport` returned by ``prune_model`` (mode, method,
-            sparsity and the pruned layer names go to ``tdrop_config.json``; for nm pruning also ``n``,
+            sparsity, the pruned layer names and where they came from (``target_source``,
+            ``target_modules``, ``exclude_modules``) go to ``tdrop_config.json``; for nm pruning also ``n``,
             ``m`` and ``nm_check``: whether the saved layers have the exact N:M pattern, see
             :func:`hf_tdrop.check_nm_sparsity`).
         shrink_report: the :class:`hf_tdrop.ShrinkReport` returned by ``shrink_model``.
@@ -322,12 +367,17 @@ def save_pruned(
             ``method`` in ``METHODS``; ``n``/``m`` only for nm mode (default 2:4).
         training_config: the :class:`TargetedDropoutConfig` (or its dict) used in training. Default: the
             model's ``tdrop_config`` attribute set by ``patch_model`` (``unpatch_model`` removes it, so
-            pass it explicitly for an unpatched model).
+            pass it explicitly for an unpatched model), with the α/γ its patched layers hold now (the
+            values training last applied, e.g. a schedule's targets) when all layers agree.
         schedule: the α/γ schedule used in training: a ``TargetingSchedule`` or a JSON-serialisable dict.
             Default: ``training_config.extra["schedule"]`` when recorded there (``record_schedule``).
         base_model: Hub id of the model this one derives from (model-card metadata).
         overwrite: allow writing into a non-empty ``output_dir`` (files with the same names are replaced,
             others are left alone).
+
+    Layers carrying learned pruning scores (left by :func:`hf_tdrop.finalize_model`) get them written
+    to ``tdrop_criteria.safetensors`` (see :func:`save_learned_criteria`; scores that no longer fit a
+    shrunk layer are left out with a warning).
 
     Returns:
         ``output_dir`` as a ``Path``.
@@ -349,6 +399,12 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
                  schedule: Optional[Mapping] = None, base_model: Optional[str] = None,
                  overwrite: bool = False) -> Path:
     """:func:`save_pruned`; ``repo_id`` (the Hub repo it is pushed to, or None) titles the model card."""
+    from torch import nn
+
+    from ._utils import write_json
+    from .layers import METHOD_ATTR
+    from .patching import is_patched, targeted_layers
+
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise ValueError(f"`model` must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}.")
     out = check_output_dir(output_dir, overwrite)
@@ -402,10 +458,15 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
         "sweep": None,
     }
 
+    criteria = _learned_criteria_of(model, strict=False)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if tokenizer_or_processor is not None:
         tokenizer_or_processor.save_pretrained(out)
+    if criteria:
+        _write_criteria(criteria, out / CRITERIA_NAME)
+        meta["learned_criteria"] = {"file": CRITERIA_NAME, "criteria": sorted({c.name for c in criteria.values()}),
+                                    "layers": list(criteria)}
     sweep_md = sweep_png = None
     if runs:
         sweep_md = _sweep_markdown(runs)
@@ -422,6 +483,7 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
 
 def _write_sweep(runs: list, out: Path) -> Optional[str]:
     """Write ``sweep.md/.csv/.json`` (+ ``.png`` if matplotlib works); returns the PNG name or None."""
+    from ._utils import write_json
     from .sweeps import plot_sweeps
 
     if len(runs) == 1:
@@ -436,6 +498,189 @@ def _write_sweep(runs: list, out: Path) -> Optional[str]:
         return plot_sweeps(runs, out / f"{SWEEP_PREFIX}.png").name
     except ImportError:
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# learned pruning scores beside a checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def _criterion_shape(module: nn.Module, granularity: str) -> tuple[int, ...]:
+    from .layers import weight_layout
+    from .masking import unit_matrix
+
+    n_out, fan_in = unit_matrix(module.weight.detach(), weight_layout(module)).shape
+    return (n_out, fan_in) if granularity == "weight" else (n_out,)
+
+
+def _learned_criteria_of(model: nn.Module, strict: bool = True) -> dict:
+    """``{layer name: LearnedCriterion}`` of every layer carrying learned scores: recorded by
+    ``finalize_model`` or live from a layer still patched with a method that learns them. Scores
+    whose shape no longer fits their layer (e.g. after ``shrink_model``) raise ``ValueError``, or
+    with ``strict=False`` are left out with a warning."""
+    from .layers import METHOD_ATTR
+    from .methods.base import CRITERION_ATTR, learned_scores
+    from .targets import supported_layers
+
+    out = {}
+    for name, module in supported_layers(model):
+        state = module.__dict__.get(METHOD_ATTR)
+        if state is not None and state.handler.criterion is not None:
+            found = learned_scores(module, state.handler.criterion)
+        else:
+            found = module.__dict__.get(CRITERION_ATTR)
+        if found is None:
+            continue
+        expected = _criterion_shape(module, found.granularity)
+        if tuple(found.scores.shape) != expected:
+            message = (f"layer {name or '<model itself>'!r}: its learned {found.name!r} scores have shape "
+                       f"{tuple(found.scores.shape)}, the layer needs {expected} (was it shrunk after training?)")
+            if strict:
+                raise ValueError(message + ".")
+            logger.warning("Not saving learned scores of %s.", message)
+            continue
+        out[name] = found
+    return out
+
+
+def _write_criteria(criteria: dict, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    tensors = {name: c.scores.detach().float().contiguous().cpu() for name, c in criteria.items()}
+    layers = {name: {"name": c.name, "granularity": c.granularity} for name, c in criteria.items()}
+    save_file(tensors, str(path), metadata={"format": TDROP_FORMAT, "hf_tdrop_version": __version__,
+                                             "criteria": json.dumps(layers)})
+    return path
+
+
+def save_learned_criteria(model: nn.Module, save_directory: PathLike) -> Optional[Path]:
+    """Write the learned pruning scores of ``model`` beside its weights, as
+    ``save_directory/tdrop_criteria.safetensors``; returns the file's path, or None (nothing
+    written) when no layer carries learned scores.
+
+    The scores are those :func:`hf_tdrop.finalize_model` leaves on each layer
+    (``layer.tdrop_criterion``: L0 ``log α`` for ``method="gates"``, variational dropout's ``log α``
+    for ``method="log_alpha"``), or the live ones of a layer still patched with such a method. A
+    plain ``save_pretrained`` checkpoint does not carry them; with this file,
+    :func:`load_learned_criteria` (and ``hf-tdrop prune --method gates``) can prune the reloaded
+    model by them. :func:`save_pruned` writes it automatically.
+
+    File format: one float32 tensor per layer, keyed by the layer's dotted name (``[n_out, fan_in]``
+    for per-weight scores, ``[n_out]`` for per-unit scores; lowest pruned first), and the metadata
+    entry ``"criteria"``: JSON ``{layer: {"name": criterion, "granularity": "weight" | "unit"}}``.
+
+    Raises:
+        ValueError: ``save_directory`` exists and is not a directory, or scores do not fit their
+            layer's shape (e.g. a model shrunk after training).
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
+        raise ValueError(f"`save_directory` must be a non-empty path, got {save_directory!r}.")
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"`save_directory` {str(directory)!r} exists and is not a directory.")
+    criteria = _learned_criteria_of(model)
+    if not criteria:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return _write_criteria(criteria, directory / CRITERIA_NAME)
+
+
+def criteria_file(directory: PathLike) -> Optional[Path]:
+    """The learned-scores sidecar in ``directory`` (``tdrop_criteria.safetensors``, else the older
+    ``learned_criterion.pt``), or None."""
+    for name in (CRITERIA_NAME, LEGACY_CRITERIA_NAME):
+        path = Path(directory) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_criteria(path: Path) -> dict:
+    """``{layer: (criterion name, granularity, scores)}`` read from a sidecar file."""
+    import torch
+
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            try:
+                layers = json.loads(meta["criteria"])
+            except (KeyError, ValueError):
+                raise ValueError(f"{str(path)!r} has no 'criteria' metadata; it was not written by "
+                                 "hf_tdrop.save_learned_criteria.") from None
+            keys = set(handle.keys())
+            missing = sorted(set(layers) - keys)
+            if missing:
+                raise ValueError(f"{str(path)!r} lists layer {missing[0]!r} in its metadata but holds no scores for it.")
+            return {name: (info.get("name"), info.get("granularity"), handle.get_tensor(name))
+                    for name, info in layers.items()}
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{str(path)!r} does not hold {{layer: {{'name', 'granularity', 'scores'}}}}.")
+    return {name: (c.get("name"), c.get("granularity"), c.get("scores")) for name, c in data.items()}
+
+
+def load_learned_criteria(model: nn.Module, directory: PathLike, *, missing_ok: bool = False) -> dict:
+    """Put the learned pruning scores saved beside a checkpoint back on ``model``'s layers, in place,
+    so ``prune_model(model, ..., method="gates")`` (or ``"log_alpha"``) works on a reloaded model.
+
+    Reads ``directory/tdrop_criteria.safetensors`` (written by :func:`save_learned_criteria` and
+    :func:`save_pruned`), or else an older ``learned_criterion.pt`` (``torch.save`` of
+    ``{layer: {"name", "granularity", "scores"}}``). Every entry is checked before any layer
+    changes: the layer exists and is supported, the criterion is a registered one, and the scores
+    have the layer's shape.
+
+    Args:
+        model: the reloaded model (the same architecture and sizes as the one saved).
+        directory: the checkpoint directory.
+        missing_ok: return ``{}`` when the directory has no such file, instead of raising.
+
+    Returns:
+        ``{layer name: LearnedCriterion}`` of the layers set.
+
+    Raises:
+        FileNotFoundError: no sidecar in ``directory`` (unless ``missing_ok``).
+        ValueError: the file does not fit the model (unknown layer, criterion or shape).
+    """
+    from torch import nn
+
+    from .methods.base import CRITERION_ATTR, GRANULARITIES, LearnedCriterion, learned_criteria
+    from .targets import supported_layers
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    path = criteria_file(directory)
+    if path is None:
+        if missing_ok:
+            return {}
+        raise FileNotFoundError(f"No {CRITERIA_NAME} (or {LEGACY_CRITERIA_NAME}) in {str(directory)!r}.")
+    layers = dict(supported_layers(model))
+    known = learned_criteria()
+    found = {}
+    for name, (criterion, granularity, scores) in _read_criteria(path).items():
+        where = f"{str(path)!r}, layer {name or '<model itself>'!r}"
+        if name not in layers:
+            raise ValueError(f"{where}: the model has no such supported layer (is it the model the scores "
+                             "were saved with?).")
+        if criterion not in known:
+            raise ValueError(f"{where}: unknown criterion {criterion!r}; known: {sorted(known)}.")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"{where}: granularity must be one of {list(GRANULARITIES)}, got {granularity!r}.")
+        module = layers[name]
+        expected = _criterion_shape(module, granularity)
+        if not hasattr(scores, "shape") or tuple(scores.shape) != expected:
+            raise ValueError(f"{where}: scores of shape {tuple(getattr(scores, 'shape', ()))}, the layer needs {expected}.")
+        found[name] = LearnedCriterion(criterion, granularity, scores.detach().float().to(module.weight.device))
+    for name, criterion in found.items():
+        setattr(layers[name], CRITERION_ATTR, criterion)
+    return found
 
 
 def push_pruned_to_hub(

@@ -17,6 +17,10 @@ every layer:
 ``method="random"`` prunes the same number of uniformly random weights / units / groups and group
 entries (the usual baseline).
 
+Which layers: explicit ``target_modules``, else the layers the model was trained with (its patched
+layers, or the layers carrying a learned criterion's scores), else every supported layer but output
+heads and tied layers (:func:`resolve_targets`); the report records which (``target_source``).
+
 Pruning writes zeros into the layers' own Parameters under ``torch.no_grad()``: it works on patched
 and unpatched models alike (a patched layer keeps its ``.weight``), keeps every Parameter object
 (optimizers, tied weights and hooks stay valid) and changes no ``state_dict`` key. :func:`pruned`
@@ -34,9 +38,9 @@ import torch
 from torch import nn
 
 from . import masking
-from .config import check_fraction, check_mode, check_nm
-from .layers import check_materialized, layer_type_name, weight_layout
-from .targets import select_layers
+from .config import check_fraction, check_mode, check_nm, check_target_spec
+from .layers import check_materialized, is_patched_layer, layer_type_name, weight_layout
+from .targets import matches_any, select_layers, supported_layers
 
 METHODS = ("magnitude", "random")
 """Pruning criteria every model has: ``"magnitude"`` (the paper's: smallest ``|w|`` / ``||w_o||_2``
@@ -50,6 +54,45 @@ def allowed_methods() -> list[str]:
     from .methods.base import learned_criteria
 
     return [*METHODS, *learned_criteria()]
+
+
+TARGET_SOURCES = ("argument", "patched layers", "layers with learned scores", "default selection")
+"""Where :func:`prune_model` took its layers from (``PruneReport.target_source``): explicit
+``target_modules``; the layers :func:`hf_tdrop.patch_model` patched (the ones trained with targeted
+dropout or another method); for a learned criterion on a finalised model, the layers carrying its
+scores; else every supported layer but output heads and tied layers. The command line also
+records the file its targets were read from (``"tdrop_training_config.json"``)."""
+
+
+def resolve_targets(model: nn.Module, target_modules=None, exclude_modules=None,
+                    method: Optional[str] = None) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The ``(name, module)`` layers pruning selects, in model order, and where the selection came
+    from (one of :data:`TARGET_SOURCES`).
+
+    Explicit ``target_modules`` win (``"argument"``). Otherwise a patched model prunes its patched
+    layers (``"patched layers"``); a finalised model pruned by a learned criterion (``method``, e.g.
+    ``"gates"``) prunes the layers that carry its scores (``"layers with learned scores"``); any
+    other model every supported layer but output heads and tied layers (``"default selection"``).
+    ``exclude_modules`` is applied in every case. Raises ``ValueError`` for bad patterns or when
+    nothing is selected.
+    """
+    if target_modules is not None:
+        return select_layers(model, target_modules, exclude_modules), "argument"
+    excludes = check_target_spec("exclude_modules", exclude_modules)
+    candidates = supported_layers(model)
+    chosen, source = [(n, m) for n, m in candidates if is_patched_layer(m)], "patched layers"
+    if not chosen and method is not None and method not in METHODS:
+        from .methods.base import CRITERION_ATTR
+
+        chosen = [(n, m) for n, m in candidates if getattr(m.__dict__.get(CRITERION_ATTR), "name", None) == method]
+        source = "layers with learned scores"
+    if not chosen:
+        return select_layers(model, None, exclude_modules), "default selection"
+    selected = [(n, m) for n, m in chosen if not matches_any(n, excludes)]
+    if not selected:
+        raise ValueError(f"`exclude_modules`={list(excludes)} excludes every one of the {len(chosen)} {source} "
+                         f"(e.g. {chosen[0][0] or '<model itself>'!r}); nothing is left to prune.")
+    return selected, source
 
 
 def check_sparsity(value: Any, name: str = "sparsity") -> float:
@@ -140,6 +183,10 @@ class PruneReport:
         method: ``"magnitude"`` or ``"random"``.
         layers: one :class:`LayerPruneInfo` per targeted layer, in model order.
         n, m: the N:M pattern in nm mode, else None.
+        target_source: where the layers came from: one of :data:`TARGET_SOURCES` (``"patched
+            layers"`` for a patched model without ``target_modules``), or the file the command line
+            read them from.
+        target_modules, exclude_modules: the patterns used (None: not given).
     """
 
     sparsity: float
@@ -148,6 +195,9 @@ class PruneReport:
     layers: list[LayerPruneInfo] = field(default_factory=list)
     n: Optional[int] = None
     m: Optional[int] = None
+    target_source: str = "default selection"
+    target_modules: Optional[list[str]] = None
+    exclude_modules: Optional[list[str]] = None
 
     @property
     def n_weights(self) -> int:
@@ -177,12 +227,29 @@ class PruneReport:
         nm = {"n": self.n, "m": self.m} if self.mode == "nm" else {}
         return {
             "sparsity": self.sparsity, "mode": self.mode, "method": self.method, **nm,
+            "target_source": self.target_source, "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
             "layers": [layer.to_dict() for layer in self.layers],
             "total": {
                 "n_layers": len(self.layers), "n_weights": self.n_weights, "pruned_weights": self.pruned_weights,
                 "n_units": self.n_units, "pruned_units": self.pruned_units, "pruned_fraction": self.pruned_fraction,
             },
         }
+
+    def describe_targets(self) -> str:
+        """One line: which layers were pruned and where that choice came from, e.g.
+        ``"12 layers, patched layers"`` or ``"target_modules ['.*mlp.*'] from tdrop_training_config.json"``."""
+        def patterns(items) -> str:  # as written, without repr's doubled backslashes
+            return "[" + ", ".join(f"'{p}'" for p in items) + "]"
+
+        text = f"{len(self.layers)} layers, "
+        if self.target_modules is not None:
+            text += f"target_modules {patterns(self.target_modules)} from {self.target_source}"
+        else:
+            text += self.target_source
+        if self.exclude_modules:
+            text += f", exclude_modules {patterns(self.exclude_modules)}"
+        return text
 
     def __str__(self) -> str:
         header = ("layer", "type", "shape", "pruned weights", "pruned units")
@@ -199,6 +266,7 @@ class PruneReport:
             f"PruneReport(sparsity={self.sparsity:g}, mode={self.mode!r}, "
             + (f"n:m={self.n}:{self.m}, " if self.mode == "nm" else "") + f"method={self.method!r}, "
             f"pruned {self.pruned_fraction:.2%} of {self.n_weights} targeted weights)",
+            f"targets: {self.describe_targets()}",
             fmt.format(*header), fmt.format(*("-" * w for w in widths)),
         ]
         lines += [fmt.format(*row) for row in rows]
@@ -266,14 +334,15 @@ def _plan_layer(name: str, module: nn.Module, sparsity: float, mode: str, method
 
 
 def _plan(model: nn.Module, sparsity: Any, mode: Any, method: Any, target_modules, exclude_modules,
-          generator: Any, n: Any = None, m: Any = None) -> tuple[float, Optional[int], Optional[int], list[_LayerPlan]]:
-    """Validate every argument and compute every mask; touches no weight."""
+          generator: Any, n: Any = None, m: Any = None):
+    """Validate every argument and compute every mask; touches no weight. Returns
+    ``(sparsity, n, m, plans, target_source)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     sparsity, n, m = check_prune_settings(sparsity, mode, n, m)
     check_method(method)
     _check_generator(generator)
-    selected = select_layers(model, target_modules, exclude_modules)
+    selected, source = resolve_targets(model, target_modules, exclude_modules, method)
     for name, module in selected:
         check_materialized(module, name, "pruning")
     learned = {}
@@ -285,7 +354,7 @@ def _plan(model: nn.Module, sparsity: Any, mode: Any, method: Any, target_module
         learned = {name: c.scores.to(module.weight.device) for (name, module), c in
                    zip(selected, require_learned_scores(selected, method, mode).values())}
     return sparsity, n, m, [_plan_layer(name, mod, sparsity, mode, method, generator, n, m, learned.get(name))
-                            for name, mod in selected]
+                            for name, mod in selected], source
 
 
 def prune_model(
@@ -318,9 +387,13 @@ def prune_model(
             lowest first) or ``"log_alpha"`` (variational dropout, highest ``log α`` first); the
             same counts, in the mode the criterion was learned in (weight or unit).
         n, m: the N:M pattern of nm mode, ``1 <= n < m`` (default 2:4); only with ``mode="nm"``.
-        target_modules, exclude_modules: which layers, with the same defaults and matching rules as
-            :func:`hf_tdrop.patch_model` (default: every supported layer but output heads and layers
-            tied to embeddings).
+        target_modules, exclude_modules: which layers, with the matching rules of
+            :func:`hf_tdrop.patch_model`. Default (``target_modules=None``): the layers the model was
+            trained with, i.e. its patched layers when it is patched; for a learned criterion on a
+            finalised model, the layers carrying its scores; otherwise every supported layer but
+            output heads and layers tied to embeddings. Explicit ``target_modules`` always win;
+            ``exclude_modules`` is applied in every case. :attr:`PruneReport.target_source` says
+            which applied (see :func:`resolve_targets`).
         generator: RNG for ``method="random"`` (default: torch's global RNG); ignored by magnitude.
 
     Returns:
@@ -336,7 +409,8 @@ def prune_model(
 
 
 def _prune(model, sparsity, mode, method, target_modules, exclude_modules, generator, save: bool, n=None, m=None):
-    sparsity, n, m, plans = _plan(model, sparsity, mode, method, target_modules, exclude_modules, generator, n, m)
+    sparsity, n, m, plans, source = _plan(model, sparsity, mode, method, target_modules, exclude_modules,
+                                          generator, n, m)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, mask, original values)
     with torch.no_grad():
         for plan in plans:
@@ -347,7 +421,10 @@ def _prune(model, sparsity, mode, method, target_modules, exclude_modules, gener
                 if save:
                     saved.append((param, mask, param[mask]))  # boolean indexing copies
                 param.masked_fill_(mask, 0)
-    report = PruneReport(sparsity=sparsity, mode=mode, method=method, layers=[p.info for p in plans], n=n, m=m)
+    patterns = {k: (None if v is None else list(check_target_spec(k, v))) for k, v in
+                (("target_modules", target_modules), ("exclude_modules", exclude_modules))}
+    report = PruneReport(sparsity=sparsity, mode=mode, method=method, layers=[p.info for p in plans], n=n, m=m,
+                         target_source=source, **patterns)
     return report, saved
 
 

@@ -224,8 +224,51 @@ def record_schedule(model: nn.Module, schedule: TargetingSchedule) -> None:
         config.extra["schedule"] = schedule.to_dict()
 
 
+def record_targeting(model: nn.Module, values: dict) -> None:
+    """Set ``alpha``/``gamma`` of the model's config (``model.tdrop_config``, set by ``patch_model``)
+    to ``values``, the α/γ just applied to its layers: the recorded config says what was trained,
+    whatever α/γ the model was patched with."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is not None and hasattr(config, "alpha") and hasattr(config, "gamma"):
+        config.alpha, config.gamma = values["alpha"], values["gamma"]
+
+
+def check_config_agrees(config: Any, schedule: TargetingSchedule, caller: str) -> None:
+    """Raise a one-line ``ValueError`` if ``config``'s α/γ differ from the schedule's targets: the
+    schedule sets α/γ during training, so two different values for the same setting is a mistake."""
+    if (config.alpha, config.gamma) != (schedule.alpha, schedule.gamma):
+        raise ValueError(
+            f"{caller}: `config` has alpha={config.alpha:g}, gamma={config.gamma:g} but the schedule's targets are "
+            f"alpha={schedule.alpha:g}, gamma={schedule.gamma:g}; the schedule sets alpha/gamma during training, "
+            "so give the config the schedule's targets."
+        )
+
+
+def warn_if_patched_differently(model: nn.Module, schedule: TargetingSchedule, caller: str) -> bool:
+    """Log one warning (and return True) if the model was patched with α/γ other than the
+    schedule's targets; the schedule wins, and the recorded config follows what it applies. A model
+    a schedule has already driven (``extra["schedule"]`` recorded) is not warned about again."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None or not hasattr(config, "alpha") or not hasattr(config, "gamma"):
+        return False
+    if "schedule" in config.extra:  # already driven by a schedule: its α/γ are that schedule's, not the patch's
+        return False
+    if (config.alpha, config.gamma) == (schedule.alpha, schedule.gamma):
+        return False
+    logger.warning(
+        "%s: the model was patched with alpha=%g, gamma=%g, but the schedule's targets are alpha=%g, gamma=%g; "
+        "the schedule sets alpha/gamma during training, and model.tdrop_config (what save_pruned records) "
+        "follows the values it applies.", caller, config.alpha, config.gamma, schedule.alpha, schedule.gamma,
+    )
+    return True
+
+
 class TargetingScheduler:
     """Apply a :class:`TargetingSchedule` to a patched model in a plain PyTorch / accelerate loop.
+
+    The schedule's targets are what is trained: a model patched with other α/γ gets one warning,
+    and ``model.tdrop_config.alpha``/``gamma`` follow the values applied (what
+    :func:`hf_tdrop.save_pruned` records).
 
     Works like an LR scheduler: the constructor applies step 0 (α(0), γ(0)) to every patched layer;
     each :meth:`step` — call it once per optimizer update, after ``optimizer.step()`` — increments
@@ -261,14 +304,17 @@ class TargetingScheduler:
         self.total_steps = total_steps
         self.model = model
         self.last_step = 0
-        self._apply()  # raises ValueError if the model is not patched
+        self._apply(check=True)  # raises ValueError if the model is not patched
         if total_steps is not None:
             self.schedule.check_total_steps(total_steps)
         record_schedule(unwrap_model(model), self.schedule)
 
-    def _apply(self) -> None:
+    def _apply(self, check: bool = False) -> None:
         values = self.schedule.at(self.last_step)
         set_targeting(self.model, alpha=values["alpha"], gamma=values["gamma"])
+        if check:
+            warn_if_patched_differently(unwrap_model(self.model), self.schedule, "TargetingScheduler")
+        record_targeting(unwrap_model(self.model), values)
         self._last_values = values
 
     def step(self) -> None:

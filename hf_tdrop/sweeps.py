@@ -29,8 +29,7 @@ from ._utils import JsonFileMixin, markdown_table
 from .batchnorm import BufferSnapshot
 from .config import check_mode
 from .patching import CONFIG_ATTR
-from .pruning import check_group_fraction, check_method, check_sparsity, pruned
-from .targets import select_layers
+from .pruning import check_group_fraction, check_method, check_sparsity, pruned, resolve_targets
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """The paper's pruning levels: 0 %, 10 %, ..., 90 %."""
@@ -294,6 +293,8 @@ def prune_sweep(
             In mode ``"nm"`` a level is the fraction of each row's groups pruned to N:M, in [0, 1]
             (1 = the exact pattern everywhere).
         mode, method, target_modules, exclude_modules, n, m: as in :func:`hf_tdrop.prune_model`.
+            Without ``target_modules``, a patched model is pruned in its patched layers only
+            (the layers it was trained with), as by :func:`hf_tdrop.prune_model`.
         run_name: column label; default ``"targeted α=… γ=…"`` for a model patched by
             :func:`hf_tdrop.patch_model`, else ``"model"``.
         progress: show a tqdm progress bar.
@@ -337,7 +338,7 @@ def prune_sweep(
         raise ValueError(f"`progress` must be True or False, got {progress!r}.")
     if recalibrate is not None and not callable(recalibrate):
         raise ValueError(f"`recalibrate` must be None or callable (model -> anything), got {type(recalibrate).__name__}.")
-    select_layers(model, target_modules, exclude_modules)  # validates the patterns up front
+    resolve_targets(model, target_modules, exclude_modules, method)  # validates the patterns up front
     run_name = run_name or _default_run_name(model)
 
     training = [(m, m.training) for m in model.modules()]

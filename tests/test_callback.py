@@ -218,3 +218,53 @@ def test_callback_argument_validation():
         TargetedDropoutCallback(s, config={"alpha": 0.5, "gamma": 0.5})
     with pytest.raises(ValueError, match="`log_values` must be True or False"):
         TargetedDropoutCallback(s, log_values="yes")
+
+
+def test_config_and_schedule_with_different_targets_is_refused_at_once():
+    """α/γ given twice: the config at 0.3 and the schedule at 0.9 would train at 0.9 and record 0.3."""
+    schedule = TargetingSchedule(alpha=0.9, gamma=0.9, kind="linear", ramp_steps=2)
+    with pytest.raises(ValueError) as err:
+        TargetedDropoutCallback(schedule, config=TargetedDropoutConfig(alpha=0.3, gamma=0.3))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "alpha=0.3, gamma=0.3" in message and "alpha=0.9, gamma=0.9" in message and "schedule" in message
+    with pytest.raises(ValueError, match="`save_config` must be True or False"):
+        TargetedDropoutCallback(schedule, save_config=1)
+
+
+def test_recorded_config_follows_the_schedule_and_is_saved_with_the_checkpoints(tmp_path, caplog):
+    """A model patched at α=γ=0.3 and trained by a schedule to 0.9/0.8: one warning; the config the
+    model carries (what save_pruned records) and the tdrop_training_config.json written into every
+    checkpoint and the output directory hold the values applied."""
+    import json
+
+    from hf_tdrop import save_pruned
+
+    model = patch_model(tiny_bert(), alpha=0.3, gamma=0.3, target_modules="intermediate.dense")
+    schedule = TargetingSchedule(alpha=0.9, gamma=0.8, kind="linear", ramp_steps=2)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1),
+                      train_dataset=classification_data(), callbacks=[TargetedDropoutCallback(schedule)])
+    with caplog.at_level(logging.WARNING, logger="hf_tdrop"):
+        trainer.train()
+    conflicts = [r.getMessage() for r in caplog.records if "was patched with" in r.getMessage()]
+    assert len(conflicts) == 1 and "alpha=0.3, gamma=0.3" in conflicts[0] and "alpha=0.9, gamma=0.8" in conflicts[0]
+    assert (model.tdrop_config.alpha, model.tdrop_config.gamma) == (0.9, 0.8)
+
+    # checkpoint-2 was saved after updates 0 and 1; update 1 ran at schedule.at(1), half way
+    checkpoint = json.loads((tmp_path / "checkpoint-2" / "tdrop_training_config.json").read_text())
+    assert (checkpoint["alpha"], checkpoint["gamma"]) == pytest.approx((0.45, 0.4))
+    assert checkpoint["target_modules"] == "intermediate.dense"
+    final = json.loads((tmp_path / "tdrop_training_config.json").read_text())
+    assert (final["alpha"], final["gamma"]) == (0.9, 0.8) and final["extra"]["schedule"] == schedule.to_dict()
+    out = save_pruned(model, tmp_path / "export")
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert (meta["targeted_dropout"]["alpha"], meta["targeted_dropout"]["gamma"]) == (0.9, 0.8)
+    assert "| targeted dropout α (alpha) | 0.9 |" in (out / "README.md").read_text()
+
+    # save_config=False writes nothing
+    other = tmp_path / "quiet"
+    trainer = Trainer(model=patch_model(tiny_bert(), alpha=0.9, gamma=0.8), args=training_args(other, max_steps=1),
+                      train_dataset=classification_data(),
+                      callbacks=[TargetedDropoutCallback(schedule, save_config=False)])
+    trainer.train()
+    assert not (other / "tdrop_training_config.json").exists()

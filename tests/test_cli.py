@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -302,3 +303,192 @@ def test_report_loads_hf_tdrop_model_types_in_a_fresh_process(tmp_path):
     layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
     stem = next(layer for name, layer in layers.items() if not layer["is_head"])
     assert stem["zero_units"] == stem["n_units"] // 2
+
+
+# ----------------------------------------------------------------------------- targets the model was trained with
+
+
+@pytest.fixture
+def gpt2_mlp_checkpoint(tmp_path):
+    """A tiny GPT-2 trained with unit targeted dropout on its MLPs only: the checkpoint and the
+    tdrop_training_config.json that TargetedDropoutCallback writes beside it."""
+    from conftest import tiny_gpt2
+
+    from hf_tdrop import TargetedDropoutConfig
+
+    path = tmp_path / "gpt2-td"
+    model = tiny_gpt2()
+    model.config.architectures = ["GPT2LMHeadModel"]
+    model.save_pretrained(path)
+    TargetedDropoutConfig(alpha=0.9, gamma=0.5, mode="unit", target_modules=r".*\.mlp\..*").save_pretrained(path)
+    return path
+
+
+def test_prune_defaults_to_the_targets_the_model_was_trained_with(gpt2_mlp_checkpoint, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    code, stdout, stderr = run(["prune", gpt2_mlp_checkpoint, "--mode", "unit", "--sparsity", "0.5", "--shrink",
+                                "--output", out], capsys)
+    assert code == 0, stderr
+    assert r"Targets: 4 layers, target_modules ['.*\.mlp\..*'] from tdrop_training_config.json." in stdout
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert meta["targeted_dropout"]["target_modules"] == r".*\.mlp\..*"
+    assert meta["pruning"]["target_source"] == "tdrop_training_config.json"
+    assert meta["pruning"]["target_modules"] == [r".*\.mlp\..*"]
+    assert meta["pruning"]["layers"] == [f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")]
+    # attention's Q/K/V units are untouched; the MLPs are shrunk to half their width
+    original = AutoModelForCausalLM.from_pretrained(gpt2_mlp_checkpoint)
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(saved.transformer.h[0].attn.c_attn.weight, original.transformer.h[0].attn.c_attn.weight)
+    assert saved.config.n_inner == 64  # 4 * 32 units, half removed
+
+    # an explicit --target-modules wins, and says so
+    code, stdout, _ = run(["prune", gpt2_mlp_checkpoint, "--mode", "unit", "--sparsity", "0.5", "--target-modules",
+                           "c_attn", "--output", tmp_path / "attn"], capsys)
+    assert code == 0 and "target_modules ['c_attn'] from argument" in stdout
+    meta = json.loads((tmp_path / "attn" / "tdrop_config.json").read_text())
+    assert meta["pruning"]["target_source"] == "argument"
+    assert meta["pruning"]["layers"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    # --exclude-modules adds to the recorded targets' exclusions
+    code, stdout, _ = run(["prune", gpt2_mlp_checkpoint, "--mode", "unit", "--sparsity", "0.5", "--exclude-modules",
+                           "c_proj", "--output", tmp_path / "fc"], capsys)
+    assert code == 0 and "exclude_modules ['c_proj']" in stdout
+    assert json.loads((tmp_path / "fc" / "tdrop_config.json").read_text())["pruning"]["layers"] == [
+        "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+
+
+def test_without_a_training_config_the_default_selection_is_used_and_named(checkpoint, tmp_path, capsys):
+    code, stdout, _ = run(["prune", checkpoint, "--sparsity", "0.5", "--output", tmp_path / "o"], capsys)
+    assert code == 0 and "Targets: 13 layers, default selection." in stdout
+    assert json.loads((tmp_path / "o" / "tdrop_config.json").read_text())["pruning"]["target_source"] == \
+        "default selection"
+
+
+# ----------------------------------------------------------------------------- learned criteria from the shell
+
+
+def _l0_bert(patched_only=False):
+    from hf_tdrop import L0Config, finalize_model, patch_model
+
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    model.config.architectures = ["BertForSequenceClassification"]
+    config = L0Config(dataset_size=10, mode="unit", target_modules="intermediate.dense")
+    patch_model(model, config=config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("l0_log_alpha"):
+                p.copy_(torch.randn_like(p) * 3)
+    if not patched_only:
+        finalize_model(model)
+    return model, config
+
+
+def _reference_gates(model, sparsity=0.5):
+    """What the Python API gives: finalised model, pruned by its gates."""
+    reference = copy.deepcopy(model)
+    prune_model(reference, sparsity, mode="unit", method="gates")
+    return reference.state_dict()
+
+
+def _assert_saved_equals(out, state):
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    for key, value in state.items():
+        if not key.endswith("l0_log_alpha"):
+            assert torch.equal(saved[key], value), key
+
+
+def test_method_gates_reads_the_scores_save_pruned_wrote(tmp_path, capsys):
+    from hf_tdrop import save_pruned
+
+    model, _ = _l0_bert()
+    save_pruned(model, tmp_path / "trained")
+    assert (tmp_path / "trained" / "tdrop_criteria.safetensors").is_file()
+    code, stdout, stderr = run(["prune", tmp_path / "trained", "--method", "gates", "--mode", "unit", "--sparsity",
+                                "0.5", "--output", tmp_path / "out"], capsys)
+    assert code == 0, stderr
+    assert "Targets: 2 layers, layers with learned scores." in stdout
+    _assert_saved_equals(tmp_path / "out", _reference_gates(model))
+    # the pruned model carries its scores on, so it can be pruned by them again
+    assert (tmp_path / "out" / "tdrop_criteria.safetensors").is_file()
+
+
+def test_method_gates_reads_the_older_learned_criterion_file(tmp_path, capsys):
+    model, _ = _l0_bert()
+    model.save_pretrained(tmp_path / "run")
+    torch.save({name: {"name": m.tdrop_criterion.name, "granularity": m.tdrop_criterion.granularity,
+                       "scores": m.tdrop_criterion.scores} for name, m in model.named_modules()
+                if hasattr(m, "tdrop_criterion")}, tmp_path / "run" / "learned_criterion.pt")
+    code, _, stderr = run(["prune", tmp_path / "run", "--method", "gates", "--mode", "unit", "--sparsity", "0.5",
+                           "--output", tmp_path / "out"], capsys)
+    assert code == 0, stderr
+    _assert_saved_equals(tmp_path / "out", _reference_gates(model))
+
+
+def test_method_gates_on_a_checkpoint_saved_while_patched(tmp_path, capsys, caplog):
+    """A Trainer checkpoint of an L0 run: the weights hold l0_log_alpha; with the method's
+    tdrop_training_config.json the command folds the gates in and prunes by them."""
+    from hf_tdrop import finalize_model
+
+    model, config = _l0_bert(patched_only=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    finalized = finalize_model(copy.deepcopy(model))
+
+    # without the config: one line saying what to write, nothing written
+    code, _, stderr = run(["prune", tmp_path / "ckpt", "--method", "gates", "--mode", "unit", "--sparsity", "0.5",
+                           "--output", tmp_path / "out"], capsys)
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and not (tmp_path / "out").exists()
+    assert "'l0_log_alpha' tensors of the 'l0' training method" in errors[0]
+    assert "python -c \"import hf_tdrop; hf_tdrop.method_config('l0', ...).save_pretrained(" in errors[0]
+    # magnitude pruning still works on it, with a warning that the gates are not folded in
+    code, _, _ = run(["prune", tmp_path / "ckpt", "--sparsity", "0.5", "--output", tmp_path / "raw"], capsys)
+    assert code == 0 and "without the method's effect folded in" in caplog.text
+
+    config.save_pretrained(tmp_path / "ckpt")
+    code, stdout, stderr = run(["prune", tmp_path / "ckpt", "--method", "gates", "--mode", "unit", "--sparsity",
+                                "0.5", "--output", tmp_path / "out"], capsys)
+    assert code == 0, stderr
+    assert "target_modules ['intermediate.dense'] from tdrop_training_config.json" in stdout
+    _assert_saved_equals(tmp_path / "out", _reference_gates(finalized))
+    # with the config, magnitude pruning also starts from the model as trained (gates folded in)
+    code, _, _ = run(["prune", tmp_path / "ckpt", "--sparsity", "0.5", "--output", tmp_path / "mag"], capsys)
+    assert code == 0
+    reference = copy.deepcopy(finalized)
+    prune_model(reference, 0.5, target_modules="intermediate.dense")
+    _assert_saved_equals(tmp_path / "mag", reference.state_dict())
+
+
+def test_method_gates_without_scores_tells_a_shell_user_what_to_run(checkpoint, tmp_path, capsys):
+    code, _, stderr = run(["prune", checkpoint, "--method", "gates", "--sparsity", "0.5", "--output",
+                           tmp_path / "out"], capsys)
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and not (tmp_path / "out").exists()
+    assert "--method gates needs the learned l0 scores" in errors[0]
+    assert "no tdrop_criteria.safetensors" in errors[0]
+    assert f"hf_tdrop.save_learned_criteria(model, '{checkpoint}')" in errors[0]
+
+
+# ----------------------------------------------------------------------------- start-up time
+
+
+def test_parser_and_argument_errors_import_neither_torch_nor_transformers(tmp_path):
+    """`hf-tdrop --help` and bad arguments answer without loading torch / transformers (seconds)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from hf_tdrop.cli import build_parser, main\n"
+        "build_parser()\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:\n"
+        "    codes = [main(['--help']), main(['prune', '--help']), main(['prune', '--bad']),\n"
+        f"             main(['prune', {str(tmp_path)!r}, '--sparsity', '1.5', '--output', 'o']),\n"
+        f"             main(['prune', {str(tmp_path)!r}, '--sparsity', '0.5'])]\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors', 'huggingface_hub') if m in sys.modules)\n"
+        "print(codes, heavy)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[0, 0, 2, 2, 2] []"

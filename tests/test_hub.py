@@ -244,3 +244,130 @@ def test_push_with_explicit_token_and_bad_arguments(fake_hub, tmp_path):
         with pytest.raises(ValueError, match=message):
             push_pruned_to_hub(model, repo_id, **kwargs)
     assert len(calls["create_repo"]) == 1 and len(calls["upload_folder"]) == 1
+
+
+def test_save_pruned_records_which_targets_were_pruned_and_why(tmp_path):
+    """A GPT-2-like model trained on its MLPs only: the record names the pruned layers and their
+    source next to the training targets, and they agree."""
+    from conftest import tiny_gpt2
+    from huggingface_hub import ModelCard
+
+    model = patch_model(tiny_gpt2(), alpha=0.5, gamma=0.5, mode="unit", target_modules=r".*\.mlp\..*")
+    report = prune_model(model, 0.5, mode="unit")
+    out = save_pruned(model, tmp_path / "o", prune_report=report)
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert meta["targeted_dropout"]["target_modules"] == r".*\.mlp\..*"
+    assert meta["pruning"]["target_source"] == "patched layers"
+    assert meta["pruning"]["layers"] == meta["patched_layers"] == list(_patched_names(model))
+    assert not any("attn" in name for name in meta["pruning"]["layers"])
+    card = ModelCard.load(out / "README.md").text
+    assert "| pruned layers | 4 (patched layers) |" in card and r"| trained targets | `.*\.mlp\..*` |" in card
+
+
+def _patched_names(model):
+    from hf_tdrop import targeted_layers
+
+    return targeted_layers(model).keys()
+
+
+def test_save_pruned_records_the_alpha_gamma_the_layers_were_trained_at(tmp_path):
+    """The config a model was patched with is not what a schedule trained: the record follows the layers."""
+    from hf_tdrop import set_targeting
+
+    model = patch_model(tiny_bert(), alpha=0.3, gamma=0.3)
+    set_targeting(model, alpha=0.9, gamma=0.8)  # e.g. where a schedule left them
+    out = save_pruned(model, tmp_path / "o")
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert (meta["targeted_dropout"]["alpha"], meta["targeted_dropout"]["gamma"]) == (0.9, 0.8)
+    assert "| targeted dropout α (alpha) | 0.9 |" in (out / "README.md").read_text()
+
+
+def _l0_bert(mode="unit"):
+    from hf_tdrop import L0Config, finalize_model
+
+    torch.manual_seed(0)
+    model = patch_model(tiny_bert(), config=L0Config(dataset_size=10, mode=mode, target_modules="intermediate.dense"))
+    for name, p in model.named_parameters():
+        if name.endswith("l0_log_alpha"):
+            with torch.no_grad():
+                p.copy_(torch.randn_like(p))  # distinct learned scores
+    finalize_model(model)
+    return model
+
+
+def test_learned_criteria_round_trip_through_the_sidecar(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_tdrop import load_learned_criteria, save_learned_criteria
+
+    model = _l0_bert()
+    model.save_pretrained(tmp_path / "ckpt")
+    path = save_learned_criteria(model, tmp_path / "ckpt")
+    assert path.name == "tdrop_criteria.safetensors"
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")
+    loaded = load_learned_criteria(reloaded, tmp_path / "ckpt")
+    assert sorted(loaded) == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    for name, criterion in loaded.items():
+        original = model.get_submodule(name).tdrop_criterion
+        assert (criterion.name, criterion.granularity) == ("gates", "unit")
+        assert torch.equal(criterion.scores, original.scores)
+    a, b = prune_model(model, 0.5, mode="unit", method="gates"), prune_model(reloaded, 0.5, mode="unit", method="gates")
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    assert a.target_source == b.target_source == "layers with learned scores"
+    # nothing learned: nothing written; no sidecar: a clear error, or {} with missing_ok
+    assert save_learned_criteria(tiny_bert(), tmp_path / "plain") is None and not (tmp_path / "plain").exists()
+    with pytest.raises(FileNotFoundError, match="No tdrop_criteria.safetensors"):
+        load_learned_criteria(reloaded, tmp_path / "plain")
+    assert load_learned_criteria(reloaded, tmp_path / "plain", missing_ok=True) == {}
+
+
+def test_load_learned_criteria_reads_the_older_torch_file_and_checks_shapes(tmp_path):
+    from hf_tdrop import load_learned_criteria
+
+    model = _l0_bert(mode="weight")
+    layer = "bert.encoder.layer.0.intermediate.dense"
+    c = model.get_submodule(layer).tdrop_criterion
+    (tmp_path / "old").mkdir()
+    torch.save({layer: {"name": c.name, "granularity": c.granularity, "scores": c.scores}},
+               tmp_path / "old" / "learned_criterion.pt")
+    fresh = tiny_bert()
+    loaded = load_learned_criteria(fresh, tmp_path / "old")
+    assert list(loaded) == [layer] and torch.equal(fresh.get_submodule(layer).tdrop_criterion.scores, c.scores)
+
+    (tmp_path / "bad").mkdir()
+    torch.save({layer: {"name": "gates", "granularity": "unit", "scores": torch.zeros(3)}},
+               tmp_path / "bad" / "learned_criterion.pt")
+    before = tiny_bert()
+    with pytest.raises(ValueError, match=r"scores of shape \(3,\), the layer needs \(48,\)"):
+        load_learned_criteria(before, tmp_path / "bad")
+    assert not hasattr(before.get_submodule(layer), "tdrop_criterion")
+    torch.save({"no.such.layer": {"name": "gates", "granularity": "unit", "scores": torch.zeros(3)}},
+               tmp_path / "bad" / "learned_criterion.pt")
+    with pytest.raises(ValueError, match="no such supported layer"):
+        load_learned_criteria(before, tmp_path / "bad")
+
+
+def test_save_pruned_writes_the_learned_scores_beside_the_weights(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_tdrop import load_learned_criteria
+
+    model = _l0_bert()
+    out = save_pruned(model, tmp_path / "o")
+    meta = json.loads((out / "tdrop_config.json").read_text())
+    assert meta["learned_criteria"] == {"file": "tdrop_criteria.safetensors", "criteria": ["gates"],
+                                        "layers": [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]}
+    assert "| learned pruning scores | gates (2 layers" in (out / "README.md").read_text()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    assert len(load_learned_criteria(reloaded, out)) == 2
+    # scores that no longer fit their layer are left out (with a warning), not written wrong
+    from hf_tdrop import LearnedCriterion, save_learned_criteria
+
+    layer = model.get_submodule("bert.encoder.layer.1.intermediate.dense")
+    layer.tdrop_criterion = LearnedCriterion("gates", "unit", torch.zeros(3))
+    out = save_pruned(model, tmp_path / "stale")
+    assert json.loads((out / "tdrop_config.json").read_text())["learned_criteria"]["layers"] == [
+        "bert.encoder.layer.0.intermediate.dense"]
+    with pytest.raises(ValueError, match=r"shape \(3,\), the layer needs \(48,\)"):
+        save_learned_criteria(model, tmp_path / "strict")

@@ -256,6 +256,43 @@ def test_pruning_a_patched_model_prunes_its_parameters():
         assert torch.equal(model(**inputs).logits, plain(**inputs).logits)
 
 
+def test_a_patched_model_prunes_only_the_layers_it_was_trained_with():
+    """GPT-2 trained with unit targeted dropout on its MLPs only: pruning without target_modules
+    leaves the attention (c_attn's Q/K/V units) alone; explicit targets still win."""
+    model = tiny_gpt2()
+    patch_model(model, alpha=0.5, gamma=0.5, mode="unit", target_modules=r".*\.mlp\..*")
+    attn = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    report = prune_model(model, 0.5, mode="unit")
+    names = [layer.name for layer in report.layers]
+    assert names == [f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")]
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, attn)
+    assert (report.target_source, report.target_modules) == ("patched layers", None)
+    assert "patched layers" in str(report).splitlines()[1]
+    # exclude_modules still applies; explicit target_modules win over the patched layers
+    report = prune_model(model, 0.5, mode="unit", exclude_modules="c_proj")
+    assert [layer.name for layer in report.layers] == [f"transformer.h.{i}.mlp.c_fc" for i in range(2)]
+    assert report.exclude_modules == ["c_proj"]
+    report = prune_model(model, 0.5, mode="unit", target_modules="c_attn")
+    assert report.target_source == "argument" and report.target_modules == ["c_attn"]
+    assert (_rows(model.transformer.h[0].attn.c_attn).abs().sum(1) == 0).sum() == 48
+    with pytest.raises(ValueError, match="excludes every one of the 4 patched layers"):
+        prune_model(model, 0.5, exclude_modules=r".*mlp.*")
+    # pruned() follows the same default
+    with pruned(model, 0.5) as report:
+        assert [layer.name for layer in report.layers] == names
+
+
+def test_a_finalised_model_prunes_by_its_learned_scores_where_it_has_them():
+    from hf_tdrop import L0Config, finalize_model
+
+    model = patch_model(tiny_bert(), config=L0Config(dataset_size=10, target_modules="intermediate.dense"))
+    finalize_model(model)
+    report = prune_model(model, 0.5, method="gates")
+    assert [layer.name for layer in report.layers] == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    assert report.target_source == "layers with learned scores"
+    assert prune_model(model, 0.5).target_source == "default selection"  # magnitude: every default layer
+
+
 # ------------------------------------------------------------------------------------------- pruned()
 
 
@@ -437,5 +474,7 @@ def test_prune_report_str_and_dict():
     assert d["total"]["n_layers"] == len(select_layers(model))
     text = str(report)
     assert text.splitlines()[0].startswith("PruneReport(sparsity=0.5, mode='unit'")
-    assert len(text.splitlines()) == 3 + len(report.layers) + 1
+    assert text.splitlines()[1] == f"targets: {len(report.layers)} layers, default selection"
+    assert len(text.splitlines()) == 4 + len(report.layers) + 1
+    assert (d["target_source"], d["target_modules"], d["exclude_modules"]) == ("default selection", None, None)
     assert f"{report.pruned_units}/{report.n_units}" in text.splitlines()[-1]

@@ -113,6 +113,27 @@ def test_scalar_metric_default_run_name_and_patched_model():
     assert result.metrics["metric"] == reference.metrics["metric"]    # eval(): patched computes as unpatched
 
 
+def test_sweep_of_a_patched_model_prunes_only_its_patched_layers():
+    """A model trained with targeted dropout on its FFNs only: the sweep's levels prune exactly those
+    layers (as prune_model does), not the attention; explicit targets still win."""
+    model = tiny_bert()
+    patch_model(model, alpha=0.5, gamma=0.5, mode="unit", target_modules="intermediate.dense")
+    seen = []
+
+    def evaluate(m):
+        seen.append(sorted(n for n, p in m.named_parameters() if n.endswith(".weight") and "embeddings" not in n
+                           and (p == 0).any()))
+        return 0.0
+
+    result = prune_sweep(model, evaluate, (0.5,), mode="unit", progress=False)
+    assert seen == [[f"bert.encoder.layer.{i}.intermediate.dense.weight" for i in range(2)]]
+    assert result.pruned_fraction == [0.5]
+    prune_sweep(model, evaluate, (0.5,), mode="unit", target_modules="query", progress=False)
+    assert seen[-1] == [f"bert.encoder.layer.{i}.attention.self.query.weight" for i in range(2)]
+    with pytest.raises(ValueError, match="exclude_modules"):
+        prune_sweep(model, evaluate, (0.5,), exclude_modules="intermediate.dense", progress=False)
+
+
 def test_random_sweep_is_reproducible_and_differs_from_magnitude():
     model = tiny_bert()
     evaluate = make_evaluate()
