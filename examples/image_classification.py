@@ -46,36 +46,21 @@ distributed by ``Trainer``; the pruning sweep runs on the main process.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
-import torch
-
-import transformers
-from transformers import (
-    AutoConfig,
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.trainer_utils import get_last_checkpoint
-
-import hf_tdrop
-from hf_tdrop import combine_sweeps, patch_model, plot_sweeps, prune_sweep
-from hf_tdrop.models import CifarResNetConfig, MLPConfig
-from image_data import ImageCollator, ImageData, prepare_data, tensors_of
-from run_specs import GRAMMAR, RunSpec, RunSpecError
-from run_specs import parse_runs as parse_run_specs
+# Only what the command line needs: torch, transformers' Trainer and models, hf_tdrop and the data
+# helpers are imported after the flags are parsed (below), so that --help and flag errors answer at once.
+from transformers import HfArgumentParser
 
 logger = logging.getLogger("image_classification")
 
@@ -168,6 +153,13 @@ FALLBACK_DEFAULTS = dict(
 # --------------------------------------------------------------------------------------------------
 
 PROG = "image_classification.py"
+RUN_GRAMMAR = ("none | MODE:ALPHA:GAMMA[:SCHEDULE] | random:MODE:ALPHA:GAMMA[:SCHEDULE] | dropout:MODE:RATE | "
+               "l1:LAMBDA | l0:MODE:LAMBDA | vd[:KL_SCALE[:WARMUP]] | smallify:LAMBDA | randinit:MODE:SPARSITY, "
+               "each optionally LABEL=SPEC; MODE weight|unit, SCHEDULE constant|linear|cosine|piecewise|ramp")
+"""The run-spec grammar of ``run_specs.py`` (its ``GRAMMAR``; a test checks they are equal), spelled out
+here so that --help does not import hf_tdrop."""
+HELP_WIDTH = 100
+"""--help is wrapped to the terminal's width, at most this many columns."""
 PresetName = Literal[tuple(sorted(PRESETS))]
 DatasetKind = Literal["digits", "cifar10", "imagefolder", "files"]
 Augmentation = Literal["auto", "none", "crop_flip"]
@@ -268,7 +260,7 @@ class TargetedDropoutArguments:
 
     _argument_group_name = "targeted dropout"
     runs: Optional[str] = arg(None, "Comma-separated runs compared in one invocation, one table column each: "
-                              f"{GRAMMAR}. Examples: '{DEFAULT_RUNS}'; 'none,dropout:weight:0.5,l1:0.01,"
+                              f"{RUN_GRAMMAR}. Examples: '{DEFAULT_RUNS}'; 'none,dropout:weight:0.5,l1:0.01,"
                               "l0:unit:1e-3,vd,smallify:1e-4,random:weight:0.75:0.9,weight:0.99:0.99:ramp,"
                               "randinit:weight:0.9'. Targeted-dropout runs without a SCHEDULE follow the schedule flag below; "
                               "randinit runs go to the Table 7 comparison (random pruning before training) "
@@ -333,11 +325,11 @@ class SweepArguments:
     """Training or loading every run, the pruning sweep, and the pruned export."""
 
     _argument_group_name = "pruning sweep and export"
-    do_train: bool = arg(True, "Train every run. --no-do_train evaluates trained models instead: the single run's "
+    do_train: bool = arg(True, "Train every run. --no_do_train evaluates trained models instead: the single run's "
                          "--model_name_or_path, or each run's directory <run> in --trained_models_dir.")
-    trained_models_dir: Optional[str] = arg(None, "With --no-do_train: where each run's trained model is, as "
+    trained_models_dir: Optional[str] = arg(None, "With --no_do_train: where each run's trained model is, as "
                                             "<dir>/<run> (default: --output_dir).")
-    do_sweep: bool = arg(True, "Sweep pruning levels after training (--no-do_sweep: train and save only).")
+    do_sweep: bool = arg(True, "Sweep pruning levels after training (--no_do_sweep: train and save only).")
     sweep_split: SweepSplit = arg("test", "Split the sweeps and unpruned numbers are measured on: 'validation' (with "
                                   "--validation_fraction) to choose settings, 'test' to report.")
     sparsities: str = arg("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "Comma-separated pruning levels in [0, 1).")
@@ -379,12 +371,26 @@ class _Parser(HfArgumentParser):
 
 class PresetDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows, for flags that presets fill in, the value each preset gives instead of "(default: None)";
-    no default for the ``--no_*`` switches."""
+    a ``--no_*`` switch as its flag set to false; each flag in one spelling, the snake_case one (the
+    kebab-case alias that HfArgumentParser adds, e.g. ``--prune-modes``, is still accepted); wraps to the
+    terminal, at most :data:`HELP_WIDTH` columns."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=32, width=None):
+        width = min(width or shutil.get_terminal_size().columns - 2, HELP_WIDTH)
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) > 1:
+            kebab = "--" + action.option_strings[0][2:].replace("_", "-")
+            action = copy.copy(action)
+            action.option_strings = [action.option_strings[0]] + [
+                o for o in action.option_strings[1:] if o != kebab]
+        return super()._format_action_invocation(action)
 
     def _get_help_string(self, action):
         dest = action.dest
         if action.option_strings and action.option_strings[0].startswith("--no_"):
-            return action.help
+            return f"Same as --{dest} false."
         if action.default is None and (dest in FALLBACK_DEFAULTS or any(dest in p for p in PRESETS.values())):
             values = {name: preset.get(dest, FALLBACK_DEFAULTS.get(dest)) for name, preset in PRESETS.items()}
             shown = "; ".join(f"{name}: {value}" for name, value in values.items())
@@ -395,7 +401,7 @@ class PresetDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> _Parser:
     """The command line: one :class:`~transformers.HfArgumentParser` over :data:`ARGUMENT_CLASSES`."""
     return _Parser(
-        ARGUMENT_CLASSES, prog=PROG,
+        ARGUMENT_CLASSES, prog=PROG, usage="%(prog)s [options]",
         description=__doc__.split("\n\n")[0] + " Every flag has a default; with no flag at all the "
         "'cpu-small' preset runs (digits, offline, minutes on 2 CPU cores).",
         formatter_class=PresetDefaultsHelpFormatter,
@@ -461,10 +467,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     args.prune_mode_list = [m.strip() for m in args.prune_modes.split(",") if m.strip()]
     if not args.prune_mode_list or any(m not in ("weight", "unit") for m in args.prune_mode_list):
         parser.error(f"--prune_modes must be a comma-separated subset of weight,unit, got {args.prune_modes!r}.")
-    try:
-        args.run_specs = parse_runs(args)
-    except RunSpecError as err:
-        parser.error(f"--runs: {err}")
     if args.mlp_hidden_sizes:
         try:
             args.hidden_list = [int(h) for h in args.mlp_hidden_sizes.split(",") if h.strip()]
@@ -476,15 +478,48 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--export_sparsity must be in [0, 1).")
     if args.ramp_fraction is not None and not 0.0 < args.ramp_fraction <= 1.0:
         parser.error("--ramp_fraction must be in (0, 1].")
+    # last: the run specs are checked by hf_tdrop's method configs (the first import of torch)
+    from run_specs import RunSpecError  # beside this script
+
+    try:
+        args.run_specs = parse_runs(args)
+    except RunSpecError as err:
+        parser.error(f"--runs: {err}")
 
 
 def parse_runs(args: argparse.Namespace) -> list[RunSpec]:
     """Runs from --tdrop_mode (single run) or --runs (the grammar of :mod:`run_specs`); raises
     :class:`run_specs.RunSpecError` with a one-line message."""
+    from run_specs import parse_runs as parse_run_specs  # beside this script; imports hf_tdrop (and torch)
+
     if args.tdrop_mode is not None:
         text = "none" if args.tdrop_mode == "none" else f"{args.tdrop_mode}:{args.alpha}:{args.gamma}"
         return parse_run_specs(text, default_schedule=args.schedule)
     return parse_run_specs(args.runs or DEFAULT_RUNS, default_schedule=args.schedule)
+
+
+if __name__ == "__main__":
+    # The flags first: --help and flag errors answer here, before the heavy imports below.
+    ARGS = parse_args()
+
+import numpy as np  # noqa: E402 - after the command line, see above
+import torch  # noqa: E402
+
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForImageClassification,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+import hf_tdrop  # noqa: E402
+from hf_tdrop import combine_sweeps, patch_model, plot_sweeps, prune_sweep  # noqa: E402
+from hf_tdrop.models import CifarResNetConfig, MLPConfig  # noqa: E402
+from image_data import ImageCollator, ImageData, prepare_data, tensors_of  # noqa: E402
+from run_specs import GRAMMAR, RunSpec, RunSpecError  # noqa: E402, F401 - the names of the run specs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -961,8 +996,11 @@ def write_table7(output_dir: Path, unpruned: dict, runs: list) -> str:
 MODES_ORDER = ("weight", "unit")
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None, args=None) -> dict:
+    """Run the script on the command line ``argv`` (default: ``sys.argv``), or on ``args`` already
+    parsed by :func:`parse_args`."""
+    if args is None:
+        args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -1038,4 +1076,4 @@ def export(args, model, spec: RunSpec, run_dir: Path, sweeps: list) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

@@ -16,7 +16,7 @@ sweep, training time and machine), and the tables are *built* from every recorde
 Usage::
 
     # record a finished run (an --output_dir of image_classification.py holding one or more runs)
-    python examples/image_tables.py record outputs/c10/l1 --into results/image_classification/cifar10-cpu/records
+    python examples/image_tables.py record outputs/cifar10-cpu-l1 --into results/image_classification/cifar10-cpu/records
 
     # build every table from the recorded runs
     python examples/image_tables.py build results/image_classification/cifar10-cpu/records \\

@@ -24,6 +24,7 @@ import gzip
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -194,9 +195,7 @@ def load_translation_splits(
     else:
         if not dataset_name:
             raise ValueError("Give --dataset_name (e.g. wmt14) or local files (--train_files/--validation_files/--test_files).")
-        from datasets import load_dataset
-
-        raw = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        raw = load_hub_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
     out = DatasetDict()
     for split, ds in raw.items():
         if "translation" not in ds.column_names:
@@ -208,6 +207,63 @@ def load_translation_splits(
         keep = [c for c in ds.column_names if c != "translation"]
         out[split] = ds.remove_columns(keep) if keep else ds
     return out
+
+
+def hub_lookup_error(dataset_name: str, timeout: float = 10.0) -> Optional[str]:
+    """One lookup of ``dataset_name`` on the Hub: None when the Hub answers (the data set exists, or
+    the Hub refused for another reason that loading will report), else why the Hub could not be
+    reached, in one line. Raises ``ValueError`` when the Hub says there is no such data set."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(dataset_name, timeout=timeout)
+    except GatedRepoError:
+        return None  # exists; loading says what access it needs
+    except RepositoryNotFoundError:
+        raise ValueError(f"--dataset_name {dataset_name}: no such data set on the Hub (a private one needs "
+                         "`hf auth login`).") from None
+    except HfHubHTTPError:
+        return None  # the Hub answered
+    except Exception as err:  # noqa: BLE001 - connection errors of any HTTP stack, reported as one line
+        return f"{type(err).__name__}: {' '.join(str(err).split())}"
+    return None
+
+
+@contextmanager
+def _offline_mode():
+    """The Hub libraries in offline mode inside the block (cached files only, no request)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def load_hub_dataset(dataset_name: str, dataset_config_name: Optional[str] = None,
+                     cache_dir: Optional[str] = None) -> DatasetDict:
+    """``datasets.load_dataset(dataset_name, dataset_config_name)``, without a minute of retries when
+    the Hub cannot be reached.
+
+    In offline mode (``HF_HUB_OFFLINE=1``) only the local cache is read, as ``datasets`` does. Otherwise
+    one lookup (:func:`hub_lookup_error`) comes first: if the Hub does not answer, the data set is read
+    from the local cache if it is there, else ``ConnectionError`` at once."""
+    import datasets
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        unreachable = hub_lookup_error(dataset_name)
+        if unreachable is not None:
+            try:
+                with _offline_mode():
+                    return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+            except (ConnectionError, FileNotFoundError, ValueError):
+                raise ConnectionError(f"Couldn't reach {dataset_name!r} on the Hub ({unreachable}) and it is not in "
+                                      "the local cache") from None
+    return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
 
 
 def iter_texts(dataset: Dataset, languages: Iterable[str], batch_size: int = 1000):

@@ -15,80 +15,54 @@ two steps, before anything is written, with one line naming the flag and file an
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
-import datasets
-import torch
-import transformers
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    DataCollatorForSeq2Seq,
-    HfArgumentParser,
-    MarianConfig,
-    MarianMTModel,
-    SchedulerType,
-    get_scheduler,
-)
-
-from translation_data import TokenBudgetBatchSampler, load_translation_splits, train_joint_tokenizer  # the helper module beside this script
-from run_specs import RunSpecError, parse_run_spec  # the run-spec grammar shared with image_classification.py
-
-import hf_tdrop
-
-from hf_tdrop import (
-    MODES,
-    TargetingSchedule,
-    TargetingScheduler,
-    combine_sweeps,
-    patch_model,
-    plot_sweeps,
-    prune_sweep,
-    SweepResult,
-)
-from hf_tdrop.schedules import SCHEDULE_KINDS  # noqa: E402
-
-logger = get_logger(__name__)
+# Only what the command line needs: torch, datasets, accelerate, transformers' models and hf_tdrop are
+# imported after the flags are parsed (below), so that --help and flag errors answer at once.
+from transformers import HfArgumentParser
 
 EXAMPLES = """examples:
   # CPU, offline, local parallel text (plain, gzipped or JSON lines), e.g. Multi30K's train.en.gz /
-  # train.de.gz / val.* / test_2016_flickr.*: the multi30k preset, about 45 minutes on 2 cores
+  # train.de.gz / val.* / test_2016_flickr.* (github.com/multi30k/dataset, data/task1/raw) in a
+  # folder of yours, D=path/to/multi30k: the multi30k preset, about 45 minutes on 2 cores
   python examples/wmt_en_de.py --model_preset multi30k \\
-      --train_files data/train.en.gz data/train.de.gz --validation_files data/val.en.gz data/val.de.gz \\
-      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.125 \\
-      --save_dtype float16 --checkpointing_steps epoch --no_do_sweep --output_dir runs/m30k-td
+      --train_files $D/train.en.gz $D/train.de.gz --validation_files $D/val.en.gz $D/val.de.gz \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise \\
+      --td_ramp_fraction 0.125 --save_dtype float16 --checkpointing_steps epoch --no_do_sweep \\
+      --output_dir runs/m30k-td
 
   # sweep it: BLEU (beam 4) and token accuracy at 0-90 % weight and unit pruning on a test set
   python examples/wmt_en_de.py --no_do_train --model_name_or_path runs/m30k-td \\
-      --test_files data/test_2016_flickr.en.gz data/test_2016_flickr.de.gz --eval_splits test \\
+      --test_files $D/test_2016_flickr.en.gz $D/test_2016_flickr.de.gz --eval_splits test \\
       --sweep_modes weight unit --output_dir runs/m30k-td-test2016
 
   # targeted dropout as a fine-tuning step of any trained seq2seq checkpoint
-  python examples/wmt_en_de.py --model_name_or_path runs/m30k-none --train_files ... --validation_files ... \\
-      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise --td_ramp_fraction 0.125 \\
-      --max_train_steps 605 --max_tokens_per_batch 2048 --learning_rate 3e-4 --lr_scheduler_type constant \\
-      --output_dir runs/m30k-none-td-finetuned
+  python examples/wmt_en_de.py --model_name_or_path runs/m30k-none \\
+      --train_files $D/train.en.gz $D/train.de.gz --validation_files $D/val.en.gz $D/val.de.gz \\
+      --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --td_schedule piecewise \\
+      --td_ramp_fraction 0.125 --max_train_steps 605 --max_tokens_per_batch 2048 \\
+      --learning_rate 3e-4 --lr_scheduler_type constant --output_dir runs/m30k-none-td-finetuned
 
   # the paper's setting, on the hub's WMT14 (needs network), any number of GPUs:
   accelerate launch examples/wmt_en_de.py --model_preset transformer-base \\
       --td_mode weight --td_alpha 0.66 --td_gamma 0.75 --output_dir runs/wmt14-td
 
   # put several finished sweeps side by side (paper-shaped tables and plots):
-  python examples/wmt_en_de.py --combine_runs runs/m30k-none-test2016 runs/m30k-td-test2016 --output_dir runs/tables
+  python examples/wmt_en_de.py --combine_runs runs/m30k-none-test2016 runs/m30k-td-test2016 \\
+      --output_dir runs/tables
 """
 
 # Presets: a MarianMTModel architecture (post-norm Transformer, sinusoidal positions, shared
@@ -120,8 +94,19 @@ TRAINING_PRESET_KEYS = ("learning_rate", "num_warmup_steps", "vocab_size", "max_
 FALLBACK_DEFAULTS = dict(learning_rate=5e-5, num_warmup_steps=0, vocab_size=8000, max_tokens_per_batch=None,
                          num_train_epochs=1)
 """Defaults of those flags when fine-tuning a checkpoint (``--model_name_or_path``): no preset applies."""
-SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TD_MODES = ("none",) + tuple(MODES)
+# The choices of some flags, spelled out here so that parsing them imports neither torch nor hf_tdrop
+# (tests check that they equal hf_tdrop.MODES, hf_tdrop.schedules.SCHEDULE_KINDS and transformers'
+# SchedulerType values).
+MODES = ("weight", "unit", "nm")
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
+LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                      "warmup_stable_decay", "greedy")
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+"""``--save_dtype`` choices: names of torch dtypes."""
+TD_MODES = ("none",) + MODES
+HELP_WIDTH = 100
+"""--help is wrapped to the terminal's width, at most this many columns."""
 PROG = "wmt_en_de.py"
 SWEEP_FILE = "sweep-{split}-{mode}"
 
@@ -142,9 +127,9 @@ def describe_preset(name: str) -> str:
 
 PresetName = Literal[tuple(MODEL_PRESETS)]
 TDMode = Literal[TD_MODES]
-ScheduleKind = Literal[tuple(SCHEDULE_KINDS)]
-SaveDtype = Literal[tuple(SAVE_DTYPES)]
-PruneMode = Literal[tuple(MODES)]
+ScheduleKind = Literal[SCHEDULE_KINDS]
+SaveDtype = Literal[SAVE_DTYPES]
+PruneMode = Literal[MODES]
 
 
 def arg(default=None, help="", **metadata):  # noqa: A002 - argparse's own name
@@ -218,8 +203,9 @@ class TrainArguments:
                                           "--max_train_steps).")
     max_train_steps: Optional[int] = arg(None, "Total optimizer updates.")
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer update.")
-    lr_scheduler_type: str = arg("inverse_sqrt", "LR schedule (the paper's: inverse_sqrt with warm-up).",
-                                 choices=[t.value for t in SchedulerType])
+    lr_scheduler_type: str = arg("inverse_sqrt", "LR schedule (the paper's: inverse_sqrt with warm-up), a "
+                                 "transformers SchedulerType: %(choices)s.", choices=list(LR_SCHEDULER_TYPES),
+                                 metavar="TYPE")
     num_warmup_steps: Optional[int] = arg(None, "LR warm-up updates (default: the preset's; 0 when fine-tuning).")
     mixed_precision: Optional[str] = arg(None, "Mixed precision (default: accelerate config).",
                                          choices=["no", "fp16", "bf16"])
@@ -315,13 +301,33 @@ class _Parser(HfArgumentParser):
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks; shows a flag's default unless it is None (then the help
-    text says what is used instead) or the flag is a ``--no_*`` switch."""
+    """Keeps the examples' line breaks; wraps to the terminal, at most :data:`HELP_WIDTH` columns; shows
+    each flag in one spelling, the snake_case one (the kebab-case alias that HfArgumentParser adds,
+    e.g. ``--td-mode``, is still accepted); shows a flag's default unless it is None (then the help
+    text says what is used instead); a ``--no_*`` switch is described as its flag set to false."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=32, width=None):
+        width = min(width or shutil.get_terminal_size().columns - 2, HELP_WIDTH)
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) > 1:
+            kebab = "--" + action.option_strings[0][2:].replace("_", "-")
+            action = copy.copy(action)
+            action.option_strings = [action.option_strings[0]] + [
+                o for o in action.option_strings[1:] if o != kebab]
+        return super()._format_action_invocation(action)
 
     def _get_help_string(self, action):
-        if action.default is None or action.option_strings[0].startswith("--no_"):
+        if action.option_strings[0].startswith("--no_"):
+            return f"Same as --{action.dest} false."
+        if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+USAGE = """%(prog)s [options] --output_dir DIR
+       %(prog)s --combine_runs DIR [DIR ...] --output_dir DIR"""
 
 
 def fail(message: str) -> None:
@@ -332,7 +338,7 @@ def fail(message: str) -> None:
 
 def build_parser() -> _Parser:
     """The command line: one :class:`~transformers.HfArgumentParser` over :data:`ARGUMENT_CLASSES`."""
-    p = _Parser(ARGUMENT_CLASSES, prog=PROG, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+    p = _Parser(ARGUMENT_CLASSES, prog=PROG, usage=USAGE, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                 formatter_class=_HelpFormatter)
     for cls in ARGUMENT_CLASSES:  # also accept --no-do_train, the spelling of argparse's BooleanOptionalAction
         for f in fields(cls):
@@ -423,6 +429,8 @@ def parse_method(parser, args):
     one-line flag error."""
     if args.method.strip() == "none":
         return None
+    from run_specs import RunSpecError, parse_run_spec  # beside this script; imports hf_tdrop (and torch)
+
     try:
         spec = parse_run_spec(args.method)
     except RunSpecError as err:
@@ -439,6 +447,46 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """The ``step_N`` / ``epoch_N`` state folders written by ``--checkpointing_steps``."""
     return [d for d in output_dir.glob("*_*") if d.is_dir() and d.name.split("_")[0] in ("step", "epoch")
             and d.name.split("_", 1)[1].isdigit()]
+
+
+if __name__ == "__main__":
+    # The flags first: --help and flag errors answer here, before the heavy imports below.
+    ARGS = parse_args()
+
+import datasets  # noqa: E402 - after the command line, see above
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, id_tensor_storage, set_seed  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    MarianConfig,
+    MarianMTModel,
+    get_scheduler,
+)
+
+import hf_tdrop  # noqa: E402
+from hf_tdrop import (  # noqa: E402
+    TargetingSchedule,
+    TargetingScheduler,
+    SweepResult,
+    combine_sweeps,
+    patch_model,
+    plot_sweeps,
+    prune_sweep,
+)
+from translation_data import (  # noqa: E402 - the helper module beside this script
+    TokenBudgetBatchSampler,
+    load_translation_splits,
+    train_joint_tokenizer,
+)
+
+logger = get_logger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -622,6 +670,63 @@ def no_transformers_progress_bars():
     finally:
         if enabled:
             transformers.utils.logging.enable_progress_bar()
+
+
+def tied_tensor_names(model) -> set[str]:
+    """Names of the ``state_dict`` entries that share their storage with another entry: tied weights,
+    e.g. a Marian model's shared source / target embeddings and output head."""
+    groups: dict = {}
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            groups.setdefault(id_tensor_storage(tensor), []).append(name)
+    return {name for names in groups.values() if len(names) > 1 for name in names}
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" warning when every tensor it
+    names is one of ``tied`` (see :func:`quiet_tied_weights_notice`); lets everything else through."""
+
+    PATTERN = re.compile(r"Removed shared tensor (\{.*?\}) while saving")
+
+    def __init__(self, tied: set[str]):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self.PATTERN.search(record.getMessage())  # after accelerate's "[RANK 0] " prefix
+        if match is None:
+            return True
+        try:
+            removed = ast.literal_eval(match.group(1))
+        except (ValueError, SyntaxError):
+            return True
+        return not set(removed) <= self.tied
+
+
+@contextlib.contextmanager
+def quiet_tied_weights_notice(model):
+    """Inside the block, no "Removed shared tensor ... check by verifying that you don't receive any
+    warning while reloading" from accelerate for ``model``'s tied weights.
+
+    ``Accelerator.save_state`` writes safetensors, which hold one name per tensor: of each group of
+    tied weights it keeps one name and warns about the others, at every checkpoint. For weights tied
+    in the model that is expected: ``load_state`` ties them again (the resume test checks that a
+    resumed run matches an uninterrupted one). The warning still shows when it names any other
+    tensor."""
+    notice = _TiedWeightsNotice(tied_tensor_names(model))
+    accelerate_logger = logging.getLogger("accelerate.utils.other")  # where save_state's warning comes from
+    accelerate_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        accelerate_logger.removeFilter(notice)
+
+
+def save_training_state(accelerator, model, path: Path) -> None:
+    """``accelerator.save_state(path)`` (model, optimizer, LR and targeting schedules, RNG states),
+    without the expected warning about tied weights (:func:`quiet_tied_weights_notice`)."""
+    with quiet_tied_weights_notice(model):
+        accelerator.save_state(str(path))
 
 
 def setup_accelerator(args) -> Accelerator:
@@ -882,7 +987,7 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
                     progress_bar.set_postfix(loss=f"{mean:.3f}")
                     running, running_n, running_reg = 0.0, 0, 0.0
                 if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
-                    accelerator.save_state(str(output_dir / f"step_{completed_steps}"))
+                    save_training_state(accelerator, model, output_dir / f"step_{completed_steps}")
             if completed_steps >= max_train_steps:
                 break
         if valid_loader is not None:
@@ -892,7 +997,7 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
             logger.info(json.dumps(entry))
             model.train()
         if checkpointing_steps == "epoch":
-            accelerator.save_state(str(output_dir / f"epoch_{epoch}"))
+            save_training_state(accelerator, model, output_dir / f"epoch_{epoch}")
         if completed_steps >= max_train_steps:
             break
     progress_bar.close()
@@ -907,13 +1012,13 @@ def train(args, model, tokenizer, processed, collator, accelerator, output_dir: 
         # round to the saved dtype (and back) so that the sweeps measure exactly the saved model
         with torch.no_grad():
             for p in unwrapped.parameters():
-                p.copy_(p.to(SAVE_DTYPES[args.save_dtype]))
+                p.copy_(p.to(getattr(torch, args.save_dtype)))
     if accelerator.is_main_process:
         with no_transformers_progress_bars():
             if args.save_dtype == "float32":
                 unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
             else:
-                unwrapped.to(SAVE_DTYPES[args.save_dtype]).save_pretrained(output_dir, save_function=accelerator.save)
+                unwrapped.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir, save_function=accelerator.save)
                 unwrapped.to(torch.float32)
             tokenizer.save_pretrained(output_dir)
         (output_dir / "train_history.json").write_text(json.dumps(
@@ -1009,8 +1114,11 @@ def export(args, model, tokenizer, accelerator, output_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)  # flag errors: one line, exit status 2
+def main(argv=None, args=None):
+    """Run the script on the command line ``argv`` (default: ``sys.argv``), or on ``args`` already
+    parsed by :func:`parse_args`."""
+    if args is None:
+        args = parse_args(argv)  # flag errors: one line, exit status 2
     if args.combine_runs:
         logging.basicConfig(format="%(message)s", level=logging.INFO)
         combine_runs(args)
@@ -1039,4 +1147,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

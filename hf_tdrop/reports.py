@@ -42,13 +42,18 @@ class LayerSparsity:
 
     @property
     def weight_sparsity(self) -> float:
+        """``zero_weights / n_weights`` (0.0 for a layer without weights)."""
         return self.zero_weights / self.n_weights if self.n_weights else 0.0
 
     @property
     def unit_sparsity(self) -> float:
+        """``zero_units / n_units`` (0.0 for a layer without units)."""
         return self.zero_units / self.n_units if self.n_units else 0.0
 
     def to_dict(self) -> dict:
+        """The layer as a JSON-ready dict: the attributes above (``shape`` as a list) and the two
+        fractions, under the keys ``name``, ``type``, ``shape``, ``n_weights``, ``zero_weights``,
+        ``weight_sparsity``, ``n_units``, ``zero_units``, ``unit_sparsity``, ``is_head``."""
         return {
             "name": self.name, "type": self.type, "shape": list(self.shape), "n_weights": self.n_weights,
             "zero_weights": self.zero_weights, "weight_sparsity": self.weight_sparsity, "n_units": self.n_units,
@@ -78,10 +83,14 @@ class SparsityReport:
 
     @property
     def total(self) -> dict:
+        """Sums over every reported layer: ``n_layers``, ``n_weights``, ``zero_weights``,
+        ``weight_sparsity``, ``n_units``, ``zero_units``, ``unit_sparsity`` (the fractions of the sums,
+        so large layers weigh more)."""
         return _totals(self.layers)
 
     @property
     def total_excluding_heads(self) -> dict:
+        """The same sums as :attr:`total` over the layers that are not heads."""
         return _totals([layer for layer in self.layers if not layer.is_head])
 
     @property
@@ -95,6 +104,29 @@ class SparsityReport:
         return self.total["unit_sparsity"]
 
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (``json.dumps`` takes it as is). For a small BERT
+        classifier after ``prune_model(model, 0.7, mode="weight")``::
+
+            {
+              "layers": [  # one dict per layer, in module order (LayerSparsity.to_dict)
+                {"name": "bert.encoder.layer.0.attention.self.query", "type": "Linear",
+                 "shape": [64, 64], "n_weights": 4096, "zero_weights": 2816, "weight_sparsity": 0.6875,
+                 "n_units": 64, "zero_units": 0, "unit_sparsity": 0.0, "is_head": False},
+                ...
+              ],
+              "total": {"n_layers": 14, "n_weights": 69760, "zero_weights": 48000,
+                        "weight_sparsity": 0.688..., "n_units": 962, "zero_units": 0, "unit_sparsity": 0.0},
+              "total_excluding_heads": {"n_layers": 13, ...},  # the same keys, heads left out
+            }
+
+        Keys of a layer: ``name`` (dotted module name, ``""`` for the model itself), ``type`` (layer
+        class; the original class of a patched layer), ``shape`` (weight shape in the layer's own
+        layout), ``n_weights`` / ``zero_weights`` (weight entries, and those exactly zero; biases not
+        counted), ``weight_sparsity`` (their ratio), ``n_units`` / ``zero_units`` (output units or
+        channels, and those whose whole w_o and bias are zero), ``unit_sparsity`` (their ratio),
+        ``is_head`` (an output head or a layer tied to an embedding). Keys of ``total`` and
+        ``total_excluding_heads``: ``n_layers`` and the sums of the counts over the layers, with
+        ``weight_sparsity`` / ``unit_sparsity`` the ratios of those sums."""
         return {"layers": [layer.to_dict() for layer in self.layers], "total": self.total,
                 "total_excluding_heads": self.total_excluding_heads}
 

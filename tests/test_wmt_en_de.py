@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +16,8 @@ from conftest import REPO_ROOT, require_shared_data
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 import wmt_en_de  # noqa: E402
+
+import hf_tdrop  # noqa: E402
 
 SCRIPT = REPO_ROOT / "examples" / "wmt_en_de.py"
 LEVELS = ["0", "0.5", "0.9"]
@@ -371,3 +375,183 @@ def test_committed_multi30k_models_reproduce_their_translations(run, levels, tmp
         assert [row.split("\t")[:2] for row in ours] == [row.split("\t")[:2] for row in committed]
         same = sum(a.split("\t")[2] == b.split("\t")[2] for a, b in zip(ours, committed))
         assert same >= 22, (run, pct, same)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line: one spelling per flag in --help, short lines, answers before the heavy imports
+# --------------------------------------------------------------------------------------------------
+
+HEAVY_MODULES = ("torch", "datasets", "accelerate", "hf_tdrop", "translation_data", "run_specs")
+
+
+def run_script_in_fresh_python(argv, cwd):
+    """Run the script as ``__main__`` in a fresh interpreter with ``argv``; returns (exit status, stdout,
+    stderr, the heavy modules that were imported by then)."""
+    probe = (
+        "import json, runpy, sys\n"
+        f"sys.argv = [{str(SCRIPT)!r}] + {list(argv)!r}\n"
+        "code = 0\n"
+        "try:\n"
+        f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY_MODULES)!r}))\n"
+        "sys.stderr.write('HEAVY=' + json.dumps(heavy) + '\\n')\n"
+        "sys.exit(code)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    *err_lines, heavy_line = proc.stderr.rstrip("\n").split("\n")
+    assert heavy_line.startswith("HEAVY="), proc.stderr[-3000:]
+    return proc.returncode, proc.stdout, "\n".join(err_lines), json.loads(heavy_line[len("HEAVY="):])
+
+
+def test_help_shows_one_spelling_per_flag_in_short_lines_without_heavy_imports(tmp_path):
+    """--help lists every flag once, in its snake_case spelling (HfArgumentParser also registers a
+    kebab-case alias), wraps at 100 columns even in a wide terminal, and comes before torch, datasets,
+    accelerate or hf_tdrop are imported."""
+    code, text, err, heavy = run_script_in_fresh_python(["--help"], tmp_path)
+    assert code == 0 and err == "", err
+    assert heavy == [], f"--help imported {heavy}"
+    long_lines = [line for line in text.splitlines() if len(line) > 100]
+    assert not long_lines, long_lines
+    for action in wmt_en_de.build_parser()._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings:
+            continue
+        first = action.option_strings[0]
+        assert re.search(rf"^\s+{re.escape(first)}\b", text, re.M), f"{first} is not listed"
+        if first.startswith("--") and "_" in first:
+            kebab = "--" + first[2:].replace("_", "-")
+            assert kebab in action.option_strings and kebab not in text, kebab
+    assert "--no_do_train                 Same as --do_train false." in text
+
+
+def test_flag_errors_come_before_the_heavy_imports(tmp_path):
+    code, out, err, heavy = run_script_in_fresh_python(["--td_alpha", "2", "--output_dir", "o"], tmp_path)
+    assert code == 2 and err == "wmt_en_de.py: error: --td_alpha must be in [0, 1], got 2.0.", err
+    assert heavy == [], f"a flag error imported {heavy}"
+    code, out, err, heavy = run_script_in_fresh_python(["--td-mode", "bogus", "--output-dir", "o"], tmp_path)
+    assert code == 2 and err.startswith("wmt_en_de.py: error: argument --td_mode/--td-mode: invalid choice: 'bogus'")
+    assert heavy == [] and not list(tmp_path.iterdir())
+
+
+def test_kebab_case_spellings_are_still_accepted():
+    args = wmt_en_de.parse_args(["--td-mode", "unit", "--no-do-train", "--model-name-or-path", "runs/x",
+                                 "--output-dir", "o", "--sweep-sparsities", "0", "0.5", "--no-do_sweep",
+                                 "--lr-scheduler-type", "constant"])
+    assert (args.td_mode, args.do_train, args.model_name_or_path, args.output_dir) == ("unit", False, "runs/x", "o")
+    assert args.sweep_sparsities == [0.0, 0.5] and args.do_sweep is False and args.lr_scheduler_type == "constant"
+
+
+def test_flag_choices_spelled_out_for_fast_parsing_match_the_libraries():
+    from transformers import SchedulerType
+
+    from hf_tdrop.schedules import SCHEDULE_KINDS
+
+    assert wmt_en_de.MODES == tuple(hf_tdrop.MODES)
+    assert wmt_en_de.SCHEDULE_KINDS == tuple(SCHEDULE_KINDS)
+    assert wmt_en_de.LR_SCHEDULER_TYPES == tuple(t.value for t in SchedulerType)
+    assert all(isinstance(getattr(torch, name), torch.dtype) for name in wmt_en_de.SAVE_DTYPES)
+
+
+# --------------------------------------------------------------------------------------------------
+# noise: checkpoints of tied weights, the Hub's data set while offline
+# --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_do_not_warn_about_tied_weights(tmp_path, caplog):
+    """accelerate's save_state warns "Removed shared tensor ..." for the tied embeddings / output head
+    of a Marian model; save_training_state keeps that expected warning out, and the state reloads."""
+    from accelerate import Accelerator
+
+    from conftest import tiny_marian
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(tiny_marian())
+    assert {"model.shared.weight", "lm_head.weight"} <= wmt_en_de.tied_tensor_names(model)
+    with caplog.at_level("WARNING"):
+        accelerator.save_state(str(tmp_path / "plain"))
+    assert "Removed shared tensor" in caplog.text  # what the script used to print at every checkpoint
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        wmt_en_de.save_training_state(accelerator, model, tmp_path / "quiet")
+    assert "Removed shared tensor" not in caplog.text and "while reloading" not in caplog.text
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    accelerator.load_state(str(tmp_path / "quiet"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.lm_head.weight is model.model.shared.weight  # still tied
+
+
+def test_tied_weights_notice_lets_other_removed_tensors_through(caplog):
+    import logging
+
+    from conftest import tiny_marian
+
+    accelerate_logger = logging.getLogger("accelerate.utils.other")
+    with caplog.at_level("WARNING"), wmt_en_de.quiet_tied_weights_notice(tiny_marian()):
+        accelerate_logger.warning("Removed shared tensor {'lm_head.weight', 'model.encoder.embed_tokens.weight'} "
+                                  "while saving. This should be OK")
+        accelerate_logger.warning("Removed shared tensor {'model.encoder.layers.0.fc1.weight'} while saving.")
+        accelerate_logger.warning("something else")
+    assert "lm_head.weight" not in caplog.text
+    assert "model.encoder.layers.0.fc1.weight" in caplog.text and "something else" in caplog.text
+    assert not accelerate_logger.filters  # removed after the block
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch, tmp_path):
+    """Online mode, with the Hub at a local port that refuses connections and an empty cache."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    return tmp_path
+
+
+def test_hub_data_set_while_offline_fails_at_once(hub_unreachable, capsys):
+    """Without network (and without HF_HUB_OFFLINE), the default --dataset_name wmt14 used to spend
+    about half a minute in retries before its error; one lookup now decides."""
+    import time
+
+    from translation_data import load_translation_splits
+
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"Couldn't reach 'wmt14' on the Hub \(.+\) and it is not in the local cache"):
+        load_translation_splits(dataset_name="wmt14", dataset_config_name="de-en",
+                                cache_dir=str(hub_unreachable / "datasets-cache"))
+    assert time.perf_counter() - start < 10  # 23 s of retries before
+    out = hub_unreachable / "o"
+    err = run_error(capsys, ["--output_dir", str(out)])
+    assert err.startswith("wmt_en_de.py: error: --dataset_name wmt14: Couldn't reach 'wmt14' on the Hub (")
+    assert err.count("\n") == 1 and "Give local files with --train_files" in err
+    assert not out.exists()
+
+
+def test_unreachable_hub_still_reads_a_cached_data_set(monkeypatch):
+    """When the lookup finds no Hub, the data set comes from the local cache (offline mode for that
+    one call), as `datasets` would after its retries."""
+    import datasets
+    from huggingface_hub import constants
+
+    import translation_data
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(translation_data, "hub_lookup_error", lambda name: "ConnectError: refused")
+    seen = []
+
+    def cached_load_dataset(name, config_name, cache_dir=None):
+        seen.append((name, config_name, constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        return datasets.DatasetDict({"test": datasets.Dataset.from_dict(
+            {"translation": [{"en": "A dog.", "de": "Ein Hund."}]})})
+
+    monkeypatch.setattr(datasets, "load_dataset", cached_load_dataset)
+    raw = translation_data.load_translation_splits(dataset_name="wmt14", dataset_config_name="de-en")
+    assert seen == [("wmt14", "de-en", True, True)]
+    assert raw["test"][0]["translation"] == {"en": "A dog.", "de": "Ein Hund."}
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored
