@@ -13,6 +13,9 @@ sweep, training time and machine), and the tables are *built* from every recorde
 * Table 7 (random pruning before training vs. pruning after training at the same sparsity);
 * targeted dropout as a fine-tuning step against the runs trained from scratch.
 
+It also writes the tables of one ``image_classification.py`` invocation (:func:`write_combined`,
+:func:`write_table7`: ``weight_pruning.md``, ``results.md``, ...), with the same ``◆`` mark.
+
 Usage::
 
     # record a finished run (an --output_dir of image_classification.py holding one or more runs)
@@ -26,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import sys
@@ -36,6 +40,8 @@ from typing import Optional
 RECORD_FORMAT = "hf-tdrop-image-run"
 SWEEP_KEYS = ("weight", "weight_bn", "unit", "unit_bn")
 MARK = "◆"
+MARK_NOTE = (f"{MARK} marks a targeted-dropout run's γ (the fraction it was trained to lose) in its own pruning "
+             "mode: such a model is meant to be pruned at or above its γ.")
 
 # The paper's ResNet-32 / CIFAR-10 numbers (Gomez et al., 2019), test accuracy in %. Keys: the
 # column's method, as image_classification.py's run specs name it (see `paper_key`).
@@ -244,7 +250,7 @@ def table7(records: list[RunRecord]) -> str:
 
 def finetune_table(records: list[RunRecord]) -> str:
     """Targeted dropout as a fine-tuning step vs. the same targeting trained from scratch."""
-    tuned = [r for r in records if r.finetuned and r.setting.get("sweep_split", "test") == "test"]
+    tuned = [r for r in records if r.finetuned and (r.setting.get("sweep_split") or "test") == "test"]
     if not tuned:
         return ""
     rows = ["| run | epochs | lr | unpruned | pruned at the comparison level (BatchNorm re-estimated) | "
@@ -270,7 +276,7 @@ def cost_table(records: list[RunRecord]) -> str:
 
 def build(records: list[RunRecord], output_dir: Path, plot: bool = True) -> str:
     """Write ``comparison.md`` (every table) and one plot per sweep key; returns the Markdown."""
-    records = [r for r in records if r.setting.get("sweep_split", "test") == "test"]
+    records = [r for r in records if (r.setting.get("sweep_split") or "test") == "test"]
     output_dir.mkdir(parents=True, exist_ok=True)
     scratch = [r for r in records if not r.finetuned]
     parts = ["# CIFAR-10: targeted dropout against every baseline\n",
@@ -296,6 +302,149 @@ def build(records: list[RunRecord], output_dir: Path, plot: bool = True) -> str:
     markdown = "\n".join(parts)
     (output_dir / "comparison.md").write_text(markdown, encoding="utf-8")
     return markdown
+
+
+# ------------------------------------------------------------------- one invocation's tables
+
+
+CRITERIA_NOTE = ("Pruning criterion: magnitude (smallest |w| per w_o in weight pruning, smallest ||w_o|| in unit "
+                 "pruning) unless the column names a learned one: (gates) = L0's learned log α, lowest first; "
+                 "(log_alpha) = variational dropout's log α, highest first. A learned criterion is used only in "
+                 "the mode it was learned in (per-weight gates and log α in weight pruning, per-unit gates in unit "
+                 "pruning).")
+MODES_ORDER = ("weight", "unit")
+
+
+def gamma_cells(results: list, runs: Optional[list], mode: str) -> set[tuple[int, int]]:
+    """``(row, column)`` of the cells to mark in a combined table of ``results`` (its columns, rows =
+    the sorted union of their levels): each targeted-dropout run's γ, in its own pruning ``mode``."""
+    levels = sorted({s for r in results for s in r.sparsities})
+    cells = set()
+    for j, result in enumerate(results):
+        spec = next((s for s in runs or () if s.label == result.run_name), None)
+        if spec is None or spec.method != "targeted_dropout" or spec.mode != mode:
+            continue
+        cells.update((i, j) for i, level in enumerate(levels) if abs(level - spec.gamma) < 1e-9)
+    return cells
+
+
+def mark_markdown(markdown: str, cells: set[tuple[int, int]]) -> str:
+    """A Markdown table (the library's padded ``| prune % | run | ...`` layout, any lines above it
+    kept) with :data:`MARK` after the value of each ``(row, column)`` of ``cells``, re-padded."""
+    if not cells:
+        return markdown
+    lines = markdown.rstrip("\n").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = [[c.strip() for c in line.strip()[1:-1].split(" | ")] for line in lines[start:]]
+    header, rule, body = rows[0], rows[1], rows[2:]
+    for i, j in cells:
+        body[i][j + 1] += f" {MARK}"
+    right = [r.endswith(":") and not r.startswith(":") for r in rule]
+    widths = [max(4, *(len(r[k]) for r in (header, *body))) for k in range(len(header))]
+
+    def line(cells_):
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells_, widths, right)) + " |"
+
+    rule_line = "| " + " | ".join("-" * (w - 1) + ":" if r else ":" + "-" * (w - 1)
+                                  for w, r in zip(widths, right)) + " |"
+    return "\n".join([*lines[:start], line(header), rule_line, *(line(r) for r in body)]) + "\n"
+
+
+def write_combined(output_dir: Path, sweeps: dict[str, list], labels: Optional[list[str]] = None,
+                   unpruned: Optional[dict] = None, runs: Optional[list] = None) -> dict[str, str]:
+    """The tables of one ``image_classification.py`` invocation. Combined tables (rows = prune %,
+    columns = runs, labelled with their pruning criterion when it is not magnitude; each
+    targeted-dropout run's γ marked with :data:`MARK` in its own mode) per pruning mode and protocol
+    (``weight``, ``weight_bn`` = BatchNorm re-estimated at every level, ...): .md/.csv/.json and a
+    .png; plus, in ``results.md``, every run's unpruned accuracy as saved and with its targeted set
+    removed, and the Table 7 comparison when there are randinit runs (also ``table7.md/.csv/.json``).
+    ``sweeps``: ``{key: [SweepResult, ...]}``; ``runs``: the run specs (``run_specs.RunSpec``)."""
+    from hf_tdrop import combine_sweeps, plot_sweeps  # torch: only when tables are written
+
+    written = {}
+    texts = []
+    if unpruned and runs:
+        rows = ["| run | unpruned, as saved | weights already zero | targeted set removed (reference eval) |",
+                "|---|---|---|---|"]
+        for spec in runs:
+            numbers = unpruned.get(spec.name)
+            if numbers is None:
+                continue
+            removed = numbers.get("targeted_set_removed")
+            zero = numbers.get("zero_fraction")
+            rows.append(f"| {spec.label} | {numbers['unpruned']['accuracy']:.4f} | "
+                        f"{'-' if zero is None else format(zero, '.1%')} | "
+                        f"{'-' if removed is None else format(removed['accuracy'], '.4f')} |")
+        texts.append("### Unpruned test accuracy\n\n" + "\n".join(rows) + "\n")
+    for key, results in sweeps.items():
+        if not results:
+            continue
+        mode, _, protocol = key.partition("_")
+        how = ", BatchNorm statistics re-estimated at every level" if protocol == "bn" else ", as pruned"
+        columns = [r.run_name for r in results]
+        table = combine_sweeps(results, "accuracy", labels=columns)
+        stem = output_dir / f"{key}_pruning"
+        cells = gamma_cells(results, runs, mode)
+        note = f"\n{CRITERIA_NOTE}\n" + (f"\n{MARK_NOTE}\n" if cells else "")
+        text = f"### {mode.capitalize()} pruning{how}: test accuracy (rows = fraction pruned, columns = runs)\n\n" \
+               + mark_markdown(table.to_markdown(float_format=".4f"), cells) + "\n" + note
+        stem.with_suffix(".md").write_text(text, encoding="utf-8")
+        table.to_csv(stem.with_suffix(".csv"))
+        table.to_json(stem.with_suffix(".json"))
+        (output_dir / f"{key}_pruning_criteria.json").write_text(
+            json.dumps({r.run_name: r.method for r in results}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        plot_sweeps(results, stem.with_suffix(".png"), metric="accuracy", labels=columns,
+                    title=f"{mode} pruning{how}")
+        written[key] = str(stem.with_suffix(".md"))
+        texts.append(text)
+    if unpruned and runs and any(s.kind == "randinit" for s in runs):
+        text = write_table7(output_dir, unpruned, runs)
+        written["table7"] = str(output_dir / "table7.md")
+        texts.append(text)
+    (output_dir / "results.md").write_text("\n".join(texts), encoding="utf-8")
+    return written
+
+
+def write_table7(output_dir: Path, unpruned: dict, runs: list) -> str:
+    """The paper's Table 7 for one invocation: random pruning before training (each randinit run,
+    evaluated as trained) vs. the no-method and targeted-dropout runs magnitude-pruned after training
+    at the same level. Writes ``table7.md``, ``table7.csv`` (mode, sparsity, one column per run) and
+    ``table7.json``; returns the Markdown."""
+    data, parts = {}, []
+    for mode in MODES_ORDER:
+        randinit = {s.sparsity: unpruned[s.name] for s in runs if s.kind == "randinit" and s.mode == mode
+                    and s.name in unpruned}
+        if not randinit:
+            continue
+        levels = sorted(randinit)
+        columns = {"random pruning before training": [randinit[level]["unpruned"]["accuracy"] for level in levels]}
+        for spec in runs:
+            after = unpruned.get(spec.name, {}).get("pruned_after_training", {}).get(mode)
+            if after is not None:
+                columns[f"{spec.label}, pruned after training"] = [after.get(str(level)) for level in levels]
+        data[mode] = {"sparsities": levels, "columns": columns,
+                      "random_init_pruned_fraction": [randinit[level]["pruned_fraction"] for level in levels]}
+        names = list(columns)
+        rows = [f"| {mode} sparsity | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, level in enumerate(levels):
+            cells = ["-" if columns[n][i] is None else f"{columns[n][i]:.4f}" for n in names]
+            rows.append(f"| {level:.0%} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(rows))
+    text = ("### Table 7: random pruning before training vs. pruning after training (test accuracy)\n\n"
+            "Random pruning before training: a random subnetwork (per w_o in weight mode, per layer in unit "
+            "mode) is pruned at initialisation and held at exactly zero throughout training. The other "
+            "columns are trained dense and magnitude-pruned to the same level afterwards.\n\n"
+            + "\n\n".join(parts) + "\n")
+    (output_dir / "table7.md").write_text(text, encoding="utf-8")
+    (output_dir / "table7.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(output_dir / "table7.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        for mode, table in data.items():
+            writer.writerow(["mode", "sparsity", *table["columns"]])
+            for i, level in enumerate(table["sparsities"]):
+                writer.writerow([mode, level, *(table["columns"][n][i] for n in table["columns"])])
+    return text
+
 
 
 def _plot(records: list[RunRecord], key: str, path: Path, title: str) -> None:
