@@ -3,7 +3,12 @@
 One grammar for ``image_classification.py --runs`` (a comma-separated list, one column of the tables
 per spec) and ``wmt_en_de.py --method`` (one spec). Each spec is parsed into a :class:`RunSpec`,
 whose :meth:`RunSpec.config` builds the method's config through the library's registry
-(:func:`hf_tdrop.methods.method_config`), so every setting is validated by the config class itself.
+(:func:`hf_tdrop.method_config`), so every setting is validated by the config class itself.
+
+Parsing imports neither ``hf_tdrop`` nor torch (the scripts parse their flags before the heavy
+imports): the numbers of a spec are checked here against the same ranges as the config classes
+check, and the column label is the one the config's ``run_label`` gives (a test holds both to the
+library's). ``hf_tdrop`` is imported by :meth:`RunSpec.config` and :meth:`RunSpec.to_dict`.
 
 Grammar (``MODE`` is ``weight`` or ``unit``; numbers in any float spelling; ``LABEL=SPEC`` renames
 the column)::
@@ -30,11 +35,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hf_tdrop.methods import method_config
-from hf_tdrop.methods.base import config_class
-from hf_tdrop.schedules import SCHEDULE_KINDS
-
 MODES = ("weight", "unit")
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
+"""``hf_tdrop.SCHEDULE_KINDS``, spelled out so that parsing imports no torch (a test checks they are equal)."""
 GRAMMAR = ("none | MODE:ALPHA:GAMMA[:SCHEDULE] | random:MODE:ALPHA:GAMMA[:SCHEDULE] | dropout:MODE:RATE | "
            "l1:LAMBDA | l0:MODE:LAMBDA | vd[:KL_SCALE[:WARMUP]] | smallify:LAMBDA | randinit:MODE:SPARSITY, "
            f"each optionally LABEL=SPEC; MODE {'|'.join(MODES)}, SCHEDULE {'|'.join(SCHEDULE_KINDS)}|ramp")
@@ -106,13 +109,14 @@ class RunSpec:
         """
         if self.method is None:
             return None
+        import hf_tdrop  # torch: only once a run is built
+
         settings = dict(self.settings)
-        needs_size = "dataset_size" in {f.name for f in dataclasses.fields(config_class(self.method))}
-        if needs_size:
+        if "dataset_size" in {f.name for f in dataclasses.fields(config_class(self.method))}:
             settings["dataset_size"] = dataset_size or 1
         if self.kl_warmup_fraction and total_updates:
             settings["kl_warmup_steps"] = max(1, round(self.kl_warmup_fraction * total_updates))
-        return method_config(self.method, **settings, **{k: v for k, v in common.items() if v is not None})
+        return hf_tdrop.method_config(self.method, **settings, **{k: v for k, v in common.items() if v is not None})
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -121,8 +125,19 @@ class RunSpec:
         return out
 
 
+def config_class(method: str) -> type:
+    """The config class of a registered method, found among the library's public ``*Config`` classes."""
+    import hf_tdrop
+
+    for name in hf_tdrop.__all__:
+        cls = getattr(hf_tdrop, name) if name.endswith("Config") else None
+        if isinstance(cls, type) and cls is not hf_tdrop.MethodConfig and getattr(cls, "method", None) == method:
+            return cls
+    raise ValueError(f"no config class for method {method!r}")
+
+
 def config_dict(config) -> dict:
-    """The config as a JSON-friendly dict that :func:`hf_tdrop.methods.config_from_dict` reads back."""
+    """The config as a JSON-friendly dict that :func:`hf_tdrop.config_from_dict` reads back."""
     data = config.to_dict()
     data.setdefault("method", "targeted_dropout")
     return data
@@ -163,6 +178,44 @@ SIMPLE_METHODS = {
     "l0": ("LAMBDA", "l0", True),
     "smallify": ("LAMBDA", "l1", False),
 }
+
+
+def _in_range(setting: str, value: float, low: float = -math.inf, high: float = math.inf,
+              low_open: bool = False, high_open: bool = False) -> None:
+    """The config classes' range check of one setting, with their message (``check_number``)."""
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        raise ValueError(f"`{setting}` must be in {'(' if low_open else '['}{low:g}, {high:g}"
+                         f"{')' if high_open else ']'}, got {value!r}.")
+
+
+RANGES = {
+    # method: {setting: the range its config class accepts}; checked at parsing, and again by the
+    # config class when the run is built (a test holds them to the library's)
+    "targeted_dropout": {"alpha": dict(low=0.0, high=1.0), "gamma": dict(low=0.0, high=1.0)},
+    "random_target": {"alpha": dict(low=0.0, high=1.0), "gamma": dict(low=0.0, high=1.0)},
+    "dropout": {"rate": dict(low=0.0, high=1.0, high_open=True)},
+    "l1": {"l1": dict(low=0.0, low_open=True)},
+    "l0": {"l0": dict(low=0.0, low_open=True)},
+    "smallify": {"l1": dict(low=0.0)},
+    "variational_dropout": {"kl_scale": dict(low=0.0)},
+}
+
+LABELS = {
+    # method: its config's ``run_label()`` (a test holds them to the library's)
+    "random_target": "random-target {mode} α={alpha:g} γ={gamma:g}",
+    "dropout": "dropout {mode} {rate:g}",
+    "l1": "L1 λ={l1:g}",
+    "l0": "L0 {mode} λ={l0:g}",
+    "smallify": "Smallify λ={l1:g}",
+    "variational_dropout": "variational dropout ×{kl_scale:g}",
+}
+
+
+def check_settings(method: str, settings: dict) -> None:
+    """Raise ``ValueError`` (the config class's message) for a setting out of its range."""
+    for setting, bounds in RANGES.get(method, {}).items():
+        if setting in settings:
+            _in_range(setting, settings[setting], **bounds)
 
 
 def _arity(parts: list[str], low: int, high: int, form: str, spec: str) -> None:
@@ -236,16 +289,16 @@ def parse_run_spec(text: str, default_schedule: str = "constant") -> RunSpec:
             run = RunSpec(spec, f"randinit-{mode}-{sparsity:g}", "", kind="randinit", mode=mode, sparsity=sparsity)
         else:
             raise RunSpecError(f"bad run spec {spec!r}: unknown method {parts[0]!r}")
-        config = run.config()  # validates every setting through the config class
+        check_settings(run.method, run.settings)  # the config class's ranges, without importing it
     except RunSpecError as err:
         raise RunSpecError(f"{err}; allowed: {GRAMMAR}") from None
     except ValueError as err:  # the config class's own check, e.g. `rate` must be in [0, 1)
         raise RunSpecError(f"bad run spec {spec!r}: {str(err).rstrip('.')}; allowed: {GRAMMAR}") from None
-    run.label = label or default_label(run, config)
+    run.label = label or default_label(run)
     return run
 
 
-def default_label(run: RunSpec, config) -> str:
+def default_label(run: RunSpec) -> str:
     if run.kind == "none":
         return "none"
     if run.kind == "randinit":
@@ -253,7 +306,7 @@ def default_label(run: RunSpec, config) -> str:
     if run.method == "targeted_dropout":
         label = f"{run.mode} TD α={run.alpha:g} γ={run.gamma:g}"
     else:
-        label = config.run_label()
+        label = LABELS[run.method].format(**run.settings)
         if run.kl_warmup_fraction:
             label += f", KL warm-up {run.kl_warmup_fraction:.0%}"
     if run.schedule_given:

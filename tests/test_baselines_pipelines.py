@@ -5,6 +5,8 @@ the translation script's ``--method``. Tiny models and few steps."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -20,6 +22,7 @@ from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 import image_classification as ic  # noqa: E402
+import image_presets  # noqa: E402
 import run_specs  # noqa: E402
 
 FAST = ["--disable_tqdm", "--save_strategy", "no", "--logging_steps", "5"]
@@ -87,6 +90,76 @@ def test_a_bad_spec_is_one_line_naming_runs_the_spec_and_the_grammar(bad, reason
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("method, setting, head, values", [
+    ("targeted_dropout", "alpha", "weight:{}:0.5", (-0.01, 0.0, 0.5, 1.0, 1.01)),
+    ("targeted_dropout", "gamma", "unit:0.5:{}", (-0.01, 0.0, 1.0, 1.01)),
+    ("random_target", "alpha", "random:weight:{}:0.5", (-0.01, 0.0, 1.0, 1.01)),
+    ("dropout", "rate", "dropout:weight:{}", (-0.01, 0.0, 0.5, 0.999, 1.0)),
+    ("l1", "l1", "l1:{}", (-1.0, 0.0, 1e-9, 30.0)),
+    ("l0", "l0", "l0:unit:{}", (-1.0, 0.0, 1e-3)),
+    ("smallify", "l1", "smallify:{}", (-1e-4, 0.0, 1e-4)),
+    ("variational_dropout", "kl_scale", "vd:{}", (-1.0, 0.0, 0.01, 1.0)),
+])
+def test_the_grammars_checks_and_labels_are_the_config_classes(method, setting, head, values):
+    """run_specs checks a spec's numbers without importing hf_tdrop: it accepts exactly the values the
+    method's config class accepts, with the same message, and labels the column as the config does."""
+    for value in values:
+        text = head.format(value)
+        try:
+            library = hf_tdrop.method_config(method, **_settings_of(text), **_size_of(method))
+        except ValueError as err:
+            with pytest.raises(run_specs.RunSpecError) as info:
+                run_specs.parse_run_spec(text)
+            assert str(err).rstrip(".") in str(info.value), (text, str(info.value))
+            continue
+        spec = run_specs.parse_run_spec(text)
+        assert spec.config(dataset_size=10) == hf_tdrop.method_config(method, **spec.settings, **_size_of(method))
+        if method != "targeted_dropout":  # targeted dropout's label is the script's own ("weight TD α=… γ=…")
+            assert spec.label == library.run_label(), text
+
+
+def _size_of(method):
+    return {"dataset_size": 10} if method in ("l0", "variational_dropout") else {}
+
+
+def _settings_of(text):
+    """The settings a spec names, read without run_specs (so that its checks are not used)."""
+    parts = text.split(":")
+    if parts[0] in ("weight", "unit"):
+        return dict(mode=parts[0], alpha=float(parts[1]), gamma=float(parts[2]))
+    if parts[0] == "random":
+        return dict(mode=parts[1], alpha=float(parts[2]), gamma=float(parts[3]))
+    if parts[0] in ("dropout", "l0"):
+        return {"mode": parts[1], "rate" if parts[0] == "dropout" else "l0": float(parts[2])}
+    if parts[0] == "vd":
+        return dict(kl_scale=float(parts[1]))
+    return {"l1": float(parts[1])}
+
+
+def test_the_grammars_schedule_kinds_are_the_librarys():
+    assert run_specs.SCHEDULE_KINDS == tuple(hf_tdrop.SCHEDULE_KINDS)
+
+
+def test_parsing_valid_runs_imports_neither_torch_nor_hf_tdrop(tmp_path):
+    """--runs (image_classification.py) and --method (wmt_en_de.py) are parsed without torch: a
+    valid value as much as a bad one (the scripts import torch only once the flags are parsed)."""
+    probe = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO_ROOT / 'examples')!r})\n"
+        "import image_presets, translation_presets\n"
+        "args = image_presets.parse_args(['--preset', 'digits-baselines', '--runs', "
+        "image_presets.BASELINE_RUNS + ',mine=vd:0.01:0.5,weight:0.5:0.5:cosine'])\n"
+        "method = translation_presets.parse_args(['--output_dir', 'o', '--method', 'l0:weight:1e-3']).method_spec\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'hf_tdrop', 'accelerate', 'datasets'})\n"
+        "print(json.dumps([len(args.run_specs), args.run_specs[-2].label, method.label, heavy]))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_runs, label, method_label, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert n_runs == len(image_presets.BASELINE_RUNS.split(",")) + 2
+    assert (label, method_label, heavy) == ("mine", "L0 weight λ=0.001", [])
+
+
 # ---------------------------------------------------------------------------------------------- image pipeline
 
 
@@ -131,13 +204,38 @@ def test_method_checkpoints_are_plain_and_the_regulariser_reached_training(metho
     regs = [h["regularization_loss"] for h in state["log_history"] if "regularization_loss" in h]
     assert regs and regs[0] < regs[-1]  # the KL warm-up: the term grows from 0 over the first 20 updates
     # the learned order is kept beside the checkpoint, so --no-do_train sweeps by the same criterion
-    assert (out / "l0-weight-0.1" / ic.LEARNED_CRITERION_FILE).is_file()
+    assert (out / "l0-weight-0.1" / "tdrop_criteria.safetensors").is_file()
     again = out.parent / "again"
     ic.main([*argv[2:], "--output_dir", str(again), "--runs", "l0:weight:0.1", "--no-do_train",
              "--trained_models_dir", str(out)])
     first = json.loads((out / "l0-weight-0.1" / "sweep-weight.json").read_text())
     second = json.loads((again / "l0-weight-0.1" / "sweep-weight.json").read_text())
     assert second["method"] == "gates" and second["metrics"] == first["metrics"]
+
+
+def test_a_run_saved_with_the_legacy_criterion_file_still_sweeps_by_its_criterion(method_runs, tmp_path):
+    """Runs trained by earlier versions of the script keep their learned order in
+    ``learned_criterion.pt`` (torch.save of {layer: {"name", "granularity", "scores"}}): --no-do_train
+    reads it and sweeps by the same criterion, to the same numbers."""
+    import shutil
+
+    out, argv = method_runs
+    models = tmp_path / "models"
+    legacy = models / "l0-weight-0.1"
+    shutil.copytree(out / "l0-weight-0.1", legacy, ignore=shutil.ignore_patterns("sweep-*", "checkpoint-*"))
+    model = AutoModelForImageClassification.from_pretrained(legacy)
+    learned = hf_tdrop.load_learned_criteria(model, legacy)
+    assert learned and {c.name for c in learned.values()} == {"gates"}
+    torch.save({name: {"name": c.name, "granularity": c.granularity, "scores": c.scores.cpu()}
+                for name, c in learned.items()}, legacy / "learned_criterion.pt")
+    (legacy / "tdrop_criteria.safetensors").unlink()
+    again = tmp_path / "again"
+    ic.main([*argv[2:], "--output_dir", str(again), "--runs", "l0:weight:0.1", "--no-do_train",
+             "--trained_models_dir", str(models)])
+    first = json.loads((out / "l0-weight-0.1" / "sweep-weight.json").read_text())
+    second = json.loads((again / "l0-weight-0.1" / "sweep-weight.json").read_text())
+    assert second["method"] == "gates" and second["metrics"] == first["metrics"]
+    assert not (legacy / "tdrop_criteria.safetensors").exists()  # evaluating writes nothing beside the model
 
 
 def test_random_pruning_before_training_keeps_exactly_the_pruned_weights_at_zero(method_runs):

@@ -98,6 +98,13 @@ def test_digits_pipeline_end_to_end(tmp_path):
         assert all(0.0 <= v <= 1.0 for row in table.values for v in row)
         md = (out / f"{mode}_pruning.md").read_text()
         assert "| prune %" in md and "90%" in md
+        # the weight TD run's γ (0.9) is marked in weight pruning, its own mode, and said so; not in unit pruning
+        marked = [line for line in md.splitlines() if "◆" in line]
+        if mode == "weight":
+            assert len(marked) == 2 and marked[0].startswith("| 90%") and marked[0].rstrip(" |").endswith("◆")
+            assert marked[1].startswith("◆ marks a targeted-dropout run's γ")
+        else:
+            assert marked == []
     assert (out / "results.md").read_text().count("| 50%") == 2
     summary = json.loads((out / "run_summary.json").read_text())
     assert [r["name"] for r in summary["runs"]] == ["none", "weight-a0.75-g0.9"]
@@ -466,6 +473,7 @@ def run_script_in_fresh_python(argv, cwd):
     probe = (
         "import json, runpy, sys\n"
         f"sys.argv = [{script!r}] + {list(argv)!r}\n"
+        f"sys.path.insert(0, {str(EXAMPLES)!r})\n"  # as `python examples/image_classification.py` does
         "code = 0\n"
         "try:\n"
         f"    runpy.run_path({script!r}, run_name='__main__')\n"
@@ -517,3 +525,9 @@ def test_run_grammar_in_help_is_the_run_specs_grammar():
     import run_specs
 
     assert ic.RUN_GRAMMAR == run_specs.GRAMMAR
+
+
+def test_help_starts_with_the_scripts_own_summary():
+    import image_presets
+
+    assert ic.__doc__.split("\n\n")[0].strip() == image_presets.DESCRIPTION

@@ -75,6 +75,38 @@ def test_build_marks_gamma_and_sets_the_papers_numbers_beside(tmp_path):
     assert (tmp_path / "out" / "comparison.md").read_text(encoding="utf-8") == text
 
 
+def test_the_tables_of_one_invocation_mark_each_td_runs_gamma_in_its_own_mode(tmp_path):
+    """write_combined (image_classification.py's tables): the library's padded table, with ◆ after
+    the value of each targeted-dropout run's γ row in its own pruning mode, and the note saying so;
+    the CSV/JSON keep the plain numbers."""
+    import run_specs
+    from hf_tdrop import SweepResult, SweepTable
+
+    runs = [run_specs.parse_run_spec(t) for t in ("none", "weight:0.75:0.9", "unit:0.9:0.5", "l1:0.1")]
+
+    def result(spec, mode, values):
+        return SweepResult(run_name=spec.label, mode=mode, method="magnitude", sparsities=[0.0, 0.5, 0.9],
+                           metrics={"accuracy": list(values)})
+
+    sweeps = {mode: [result(s, mode, (0.9, 0.8, 0.7 - i / 10)) for i, s in enumerate(runs)] for mode in ("weight", "unit")}
+    tables.write_combined(tmp_path, sweeps, None, None, runs)
+    weight = (tmp_path / "weight_pruning.md").read_text(encoding="utf-8")
+    unit = (tmp_path / "unit_pruning.md").read_text(encoding="utf-8")
+    assert "| 90%     | 0.7000 |               0.6000 ◆ |              0.5000 |   0.4000 |" in weight
+    assert "| 50%     | 0.8000 |                 0.8000 |              0.8000 |   0.8000 |" in weight
+    assert "| 50%     | 0.8000 |                 0.8000 |            0.8000 ◆ |   0.8000 |" in unit
+    for text in (weight, unit):
+        assert text.count(tables.MARK) == 2 and tables.MARK_NOTE in text and tables.CRITERIA_NOTE in text
+        header = text.splitlines()[4]
+        assert header.startswith("| prune % |   none |") and len({len(line) for line in text.splitlines()[4:8]}) == 1
+    table = SweepTable.from_json(tmp_path / "weight_pruning.json")
+    assert table.values[2] == pytest.approx([0.7, 0.6, 0.5, 0.4]) and tables.MARK not in (tmp_path / "weight_pruning.csv").read_text()
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == weight + "\n" + unit
+    # a table without a targeted-dropout run in its mode has no mark and no note
+    tables.write_combined(tmp_path, {"weight": sweeps["weight"][:1]}, None, None, runs)
+    assert tables.MARK not in (tmp_path / "weight_pruning.md").read_text(encoding="utf-8")
+
+
 def test_record_reads_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
     out = tmp_path / "out"
     ic.main(["--runs", "none,weight:0.75:0.9", "--num_train_epochs", "1", "--sparsities", "0,0.9",

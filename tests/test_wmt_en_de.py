@@ -15,6 +15,8 @@ import torch
 from conftest import REPO_ROOT, require_shared_data
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))
+import translation_eval  # noqa: E402
+import translation_presets  # noqa: E402
 import wmt_en_de  # noqa: E402
 
 import hf_tdrop  # noqa: E402
@@ -100,9 +102,9 @@ def test_generation_budget_follows_the_longest_source_and_caps_hypotheses(td_run
 
     budget = SimpleNamespace(max_length_a=1.5, max_length_b=10, max_target_length=128)
     mask = torch.tensor([[1] * 7 + [0] * 3, [1] * 10])
-    assert wmt_en_de.generation_budget(mask, budget) == 25  # floor(1.5 * 10) + 10
-    assert wmt_en_de.generation_budget(mask, SimpleNamespace(max_length_a=20.0, max_length_b=10,
-                                                             max_target_length=128)) == 128
+    assert translation_eval.generation_budget(mask, budget) == 25  # floor(1.5 * 10) + 10
+    assert translation_eval.generation_budget(mask, SimpleNamespace(max_length_a=20.0, max_length_b=10,
+                                                                    max_target_length=128)) == 128
     # through the pipeline: a budget of 3 new tokens bounds every hypothesis at every level
     from transformers import AutoTokenizer
 
@@ -390,6 +392,7 @@ def run_script_in_fresh_python(argv, cwd):
     probe = (
         "import json, runpy, sys\n"
         f"sys.argv = [{str(SCRIPT)!r}] + {list(argv)!r}\n"
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"  # as `python examples/wmt_en_de.py` does
         "code = 0\n"
         "try:\n"
         f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
@@ -434,6 +437,10 @@ def test_flag_errors_come_before_the_heavy_imports(tmp_path):
     assert heavy == [] and not list(tmp_path.iterdir())
 
 
+def test_help_starts_with_the_scripts_own_summary():
+    assert wmt_en_de.__doc__.split("\n\n")[0].strip() == translation_presets.DESCRIPTION
+
+
 def test_kebab_case_spellings_are_still_accepted():
     args = wmt_en_de.parse_args(["--td-mode", "unit", "--no-do-train", "--model-name-or-path", "runs/x",
                                  "--output-dir", "o", "--sweep-sparsities", "0", "0.5", "--no-do_sweep",
@@ -445,12 +452,10 @@ def test_kebab_case_spellings_are_still_accepted():
 def test_flag_choices_spelled_out_for_fast_parsing_match_the_libraries():
     from transformers import SchedulerType
 
-    from hf_tdrop.schedules import SCHEDULE_KINDS
-
-    assert wmt_en_de.MODES == tuple(hf_tdrop.MODES)
-    assert wmt_en_de.SCHEDULE_KINDS == tuple(SCHEDULE_KINDS)
-    assert wmt_en_de.LR_SCHEDULER_TYPES == tuple(t.value for t in SchedulerType)
-    assert all(isinstance(getattr(torch, name), torch.dtype) for name in wmt_en_de.SAVE_DTYPES)
+    assert translation_presets.MODES == tuple(hf_tdrop.MODES)
+    assert translation_presets.SCHEDULE_KINDS == tuple(hf_tdrop.SCHEDULE_KINDS)
+    assert translation_presets.LR_SCHEDULER_TYPES == tuple(t.value for t in SchedulerType)
+    assert all(isinstance(getattr(torch, name), torch.dtype) for name in translation_presets.SAVE_DTYPES)
 
 
 # --------------------------------------------------------------------------------------------------
