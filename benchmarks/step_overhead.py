@@ -36,7 +36,8 @@ import time
 import torch
 from torch import nn
 
-from hf_tdrop import TargetedDropoutConfig, layers, masking, native, patch_model, targeted_layers
+from hf_tdrop import TargetedDropoutConfig, masking, native, patch_model, targeted_layers
+from hf_tdrop.methods import targeted_dropout
 
 logger = logging.getLogger("step_overhead")
 
@@ -68,8 +69,8 @@ micro-batch (the library reuses it within an optimizer step); the difference is 
 
 def other_selection_label(device: torch.device) -> str:
     """With --compare_selection: weight mode through the selection path the device does not use by
-    default (sync-free on CPU, host-synchronising on an accelerator); see masking.SYNC_FREE_DEVICE_TYPES."""
-    path = "host-synchronising" if device.type in masking.SYNC_FREE_DEVICE_TYPES else "sync-free"
+    default (sync-free on CPU, host-synchronising on an accelerator); see masking.selection.SYNC_FREE_DEVICE_TYPES."""
+    path = "host-synchronising" if device.type in masking.selection.SYNC_FREE_DEVICE_TYPES else "sync-free"
     return f"tdrop weight, {path} selection"
 
 
@@ -122,19 +123,19 @@ def variant_context(name: str, device: torch.device):
     their targeted set at every forward (no reuse within a step); the other-selection variant: the
     device type's selection path is switched (sync-free <-> host-synchronising); ``TORCH_SELECTION``:
     the compiled kernel is off (``HF_TDROP_NATIVE=0``)."""
-    previous_reuse, previous_types = layers.REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES
+    previous_reuse, previous_types = targeted_dropout.REUSE_WITHIN_STEP, masking.selection.SYNC_FREE_DEVICE_TYPES
     previous_switch = os.environ.get(native.ENV_SWITCH)
     if name == TORCH_SELECTION:
         os.environ[native.ENV_SWITCH] = "0"
 
     if name == RERANKED:
-        layers.REUSE_WITHIN_STEP = False
+        targeted_dropout.REUSE_WITHIN_STEP = False
     if name == other_selection_label(device):
-        masking.SYNC_FREE_DEVICE_TYPES = previous_types ^ {device.type}
+        masking.selection.SYNC_FREE_DEVICE_TYPES = previous_types ^ {device.type}
     try:
         yield
     finally:
-        layers.REUSE_WITHIN_STEP, masking.SYNC_FREE_DEVICE_TYPES = previous_reuse, previous_types
+        targeted_dropout.REUSE_WITHIN_STEP, masking.selection.SYNC_FREE_DEVICE_TYPES = previous_reuse, previous_types
         if previous_switch is None:
             os.environ.pop(native.ENV_SWITCH, None)
         else:
@@ -225,7 +226,7 @@ def main(argv=None) -> None:
                              "time, since the process's CPU time no longer measures the step).")
     parser.add_argument("--compare_selection", action="store_true",
                         help="Add weight mode through the other selection path: sync-free on CPU, "
-                             "host-synchronising on an accelerator (masking.SYNC_FREE_DEVICE_TYPES).")
+                             "host-synchronising on an accelerator (masking.selection.SYNC_FREE_DEVICE_TYPES).")
     parser.add_argument("--compare_native", action="store_true",
                         help="Add weight mode with the compiled CPU selection kernel (hf_tdrop.native) turned off, "
                              "as on a machine without a C++ compiler.")
@@ -307,8 +308,9 @@ def main(argv=None) -> None:
                 print(f"| {arch} | {tokens} | {name} | {statistics.median(timing[name]) * 1e3:.1f} | {t_min * 1e3:.1f} | "
                       f"{statistics.median(ratios[name]):.3f} | {t_min / base_min:.3f} | "
                       f"{statistics.median(wall[name]) * 1e3:.1f} | {saved / 2**20:.1f} | {extra} |", flush=True)
-            if args.profile_ops and "tdrop weight" in variants:
-                op_breakdown(variants, opts, ids, "tdrop weight", args.profile_ops, arch, tokens)
+            for profiled in ("tdrop weight", "tdrop unit"):
+                if args.profile_ops and profiled in variants:
+                    op_breakdown(variants, opts, ids, profiled, args.profile_ops, arch, tokens)
 
 if __name__ == "__main__":
     main()

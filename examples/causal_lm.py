@@ -261,6 +261,7 @@ def main(argv=None) -> dict:
     """Run the walkthrough; returns what ``results.json`` holds."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     setup_logging()
     threads = torch.get_num_threads()
     if args.threads:
@@ -269,6 +270,8 @@ def main(argv=None) -> dict:
         return run(args, argv)
     finally:
         torch.set_num_threads(threads)
+        if bars:  # in-process callers (tests, notebooks) get their progress bars back
+            transformers.utils.logging.enable_progress_bar()
 
 
 def run(args, argv: list) -> dict:

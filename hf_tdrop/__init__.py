@@ -8,15 +8,17 @@ __version__ = "0.1.0"
 # ``hf-tdrop`` command) does not pay for torch and transformers before it has parsed its arguments.
 _LAZY = {
     "batchnorm": ("BatchNormRecalibration", "has_batchnorm", "recalibrate_batchnorm"),
-    "config": ("MODES", "TargetedDropoutConfig"),
+    "config": ("MODES",),
     "hold": ("PrunedHold", "held_entries", "hold_pruned", "release_pruned"),
-    "hub": ("load_learned_criteria", "push_pruned_to_hub", "save_learned_criteria", "save_pruned"),
+    "criteria": ("load_learned_criteria", "save_learned_criteria"),
+    "hub": ("push_pruned_to_hub", "save_pruned"),
     "methods": ("DropoutConfig", "L0Config", "L1Config", "LearnedCriterion", "MethodConfig", "RandomTargetConfig",
-                "SmallifyConfig", "VariationalDropoutConfig", "available_methods", "config_from_dict",
-                "finalize_model", "learned_criteria", "method_config", "method_parameters", "regularization_loss"),
+                "SmallifyConfig", "TargetedDropoutConfig", "VariationalDropoutConfig", "available_methods",
+                "config_from_dict", "learned_criteria", "method_config", "method_parameters", "regularization_loss"),
     "optim": ("CombinedOptimizer", "method_optimizer", "method_parameter_groups"),
     "nm": ("NMSparsityReport", "check_nm_sparsity", "to_semi_structured"),
-    "patching": ("get_targeting", "is_patched", "patch_model", "set_targeting", "targeted_layers", "unpatch_model"),
+    "patching": ("finalize_model", "get_targeting", "is_patched", "patch_model", "set_targeting", "targeted_layers",
+                 "unpatch_model"),
     "pruning": ("METHODS", "PruneReport", "allowed_methods", "prune_model", "pruned"),
     "reports": ("SparsityReport", "sparsity_report"),
     "schedules": ("SCHEDULE_KINDS", "TargetingSchedule", "TargetingScheduler"),
@@ -31,9 +33,10 @@ _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 if TYPE_CHECKING:  # for type checkers and the documentation tools
     from .batchnorm import BatchNormRecalibration, has_batchnorm, recalibrate_batchnorm
     from .callback import RegularizationCallback, TargetedDropoutCallback
-    from .config import MODES, TargetedDropoutConfig
+    from .config import MODES
     from .hold import PrunedHold, held_entries, hold_pruned, release_pruned
-    from .hub import load_learned_criteria, push_pruned_to_hub, save_learned_criteria, save_pruned
+    from .criteria import load_learned_criteria, save_learned_criteria
+    from .hub import push_pruned_to_hub, save_pruned
     from .methods import (
         DropoutConfig,
         L0Config,
@@ -42,10 +45,10 @@ if TYPE_CHECKING:  # for type checkers and the documentation tools
         MethodConfig,
         RandomTargetConfig,
         SmallifyConfig,
+        TargetedDropoutConfig,
         VariationalDropoutConfig,
         available_methods,
         config_from_dict,
-        finalize_model,
         learned_criteria,
         method_config,
         method_parameters,
@@ -53,7 +56,15 @@ if TYPE_CHECKING:  # for type checkers and the documentation tools
     )
     from .nm import NMSparsityReport, check_nm_sparsity, to_semi_structured
     from .optim import CombinedOptimizer, method_optimizer, method_parameter_groups
-    from .patching import get_targeting, is_patched, patch_model, set_targeting, targeted_layers, unpatch_model
+    from .patching import (
+        finalize_model,
+        get_targeting,
+        is_patched,
+        patch_model,
+        set_targeting,
+        targeted_layers,
+        unpatch_model,
+    )
     from .pruning import METHODS, PruneReport, allowed_methods, prune_model, pruned
     from .reports import SparsityReport, sparsity_report
     from .schedules import SCHEDULE_KINDS, TargetingSchedule, TargetingScheduler

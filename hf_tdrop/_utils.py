@@ -1,22 +1,40 @@
-"""Small helpers shared by several modules of the package."""
+"""Small helpers shared by several modules of the package (no torch import: the command line uses
+them before loading torch)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 PathLike = Union[str, os.PathLike]
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: "nn.Module") -> "nn.Module":
     """``model`` without its DDP / FSDP / ``torch.compile`` wrappers (accelerate's ``extract_model_from_parallel``)."""
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(model)
+
+
+def check_output_dir(output_dir: Any, overwrite: Any) -> Path:
+    """``output_dir`` as a ``Path`` if it can be written (missing, or empty unless ``overwrite``), else ``ValueError``."""
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+        raise ValueError(f"`output_dir` must be a non-empty path, got {output_dir!r}.")
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`output_dir` {str(path)!r} exists and is not a directory.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"`output_dir` {str(path)!r} is not empty; pass overwrite=True (CLI: --overwrite) to write into it."
+        )
+    return path
 
 
 def write_json(path: PathLike, data: Any) -> Path:

@@ -19,8 +19,11 @@ from transformers import TrainerCallback
 
 from ._utils import unwrap_model
 from .batchnorm import DEFAULT_RECALIBRATION_BATCHES, check_num_batches, has_batchnorm, recalibrate_batchnorm
-from .config import TRAINING_CONFIG_NAME, TargetedDropoutConfig
-from .patching import CONFIG_ATTR, is_patched, patch_model, set_targeting
+from .constants import CONFIG_ATTR, TRAINING_CONFIG_NAME
+from .methods.base import method_layers
+from .methods.regularization import regularization_loss
+from .methods.targeted_dropout import TargetedDropoutConfig
+from .patching import is_patched, patch_model, set_targeting
 from .schedules import (
     TargetingSchedule,
     check_config_agrees,
@@ -267,8 +270,6 @@ class RegularizationCallback(TrainerCallback):
         self._model = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .methods.base import method_layers
-
         if model is None or not method_layers(unwrap_model(model)):
             raise ValueError("RegularizationCallback: the model has no layer patched with a training method; "
                              "call hf_tdrop.patch_model(model, config=...) before Trainer.train().")
@@ -284,8 +285,6 @@ class RegularizationCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         import torch
-
-        from .methods.base import regularization_loss
 
         with torch.enable_grad():
             loss = regularization_loss(unwrap_model(model), step=state.global_step)

@@ -243,11 +243,11 @@ def _training_config_from(model: str, is_local: bool):
     ``(None, None)``."""
     if not is_local:
         return None, None
-    from .config import _read_config_file
+    from .config import read_config_file
     from .methods.base import config_from_dict
 
     try:
-        data, path = _read_config_file(Path(model))
+        data, path = read_config_file(Path(model))
         return config_from_dict(data), path.name
     except FileNotFoundError:
         return None, None
@@ -277,9 +277,9 @@ def _method_tensors(model_dir: Path) -> dict:
     variational ``log σ²``, ...) in a checkpoint saved while the model was still patched."""
     from safetensors import safe_open
 
-    from .methods.base import _REGISTRY
+    from .methods.base import registered_handlers
 
-    suffixes = {f".{t}": name for name, handler in _REGISTRY.items() for t in handler.extra_tensors}
+    suffixes = {f".{t}": name for name, handler in registered_handlers().items() for t in handler.extra_tensors}
     found: dict = {}
     for file in _weight_files(model_dir):
         with safe_open(str(file), framework="pt") as handle:
@@ -297,9 +297,9 @@ def _restore_method(model, model_dir: Path, training_config, required: bool) -> 
     computed and its layers carry the learned scores. Returns the method's name, or None when the
     checkpoint holds no such tensors. When the config to restore them is missing: ``UsageError`` if
     ``required`` (a learned ``--method``), else a warning (the raw weights are pruned as they are)."""
-    from .layers import METHOD_ATTR
-    from .methods.base import MethodConfig, finalize_model, method_layers
-    from .patching import patch_model
+    from .constants import METHOD_ATTR
+    from .methods.base import MethodConfig, method_layers
+    from .patching import finalize_model, patch_model
 
     found = _method_tensors(model_dir)
     if not found:
@@ -338,7 +338,8 @@ def _restore_method(model, model_dir: Path, training_config, required: bool) -> 
 
 def _criteria_dir(model: str, is_local: bool) -> Optional[Path]:
     """The directory holding MODEL's learned-scores sidecar, or None (a Hub id: downloaded if it has one)."""
-    from .hub import CRITERIA_NAME, criteria_file
+    from .constants import CRITERIA_NAME
+    from .criteria import criteria_file
 
     if is_local:
         return Path(model) if criteria_file(model) is not None else None
@@ -353,8 +354,9 @@ def _criteria_dir(model: str, is_local: bool) -> Optional[Path]:
 def _require_learned_scores(model, args, is_local: bool, restored: Optional[str]) -> None:
     """Make sure the layers carry the learned scores ``--method`` needs: restored from a patched
     checkpoint, or read from the sidecar; else a one-line usage error saying what to run."""
-    from .hub import CRITERIA_NAME, load_learned_criteria
-    from .methods.base import CRITERION_ATTR, learned_criteria
+    from .constants import CRITERIA_NAME, CRITERION_ATTR
+    from .criteria import load_learned_criteria
+    from .methods.base import learned_criteria
 
     if restored is None:
         directory = _criteria_dir(args.model, is_local)
@@ -402,7 +404,7 @@ def _check_prune_numbers(sparsity, mode: str, n, m):
 
 
 def _run_prune(args) -> int:
-    from .hub import check_output_dir
+    from ._utils import check_output_dir
 
     # ---- validate everything before loading or writing anything (no torch import yet) -------
     args.sparsity, args.n, args.m = _check_prune_numbers(args.sparsity, args.mode, args.n, args.m)
@@ -447,7 +449,6 @@ def _run_prune(args) -> int:
     # ---- load, prune, shrink (in memory) ------------------------------------------------------
     import torch
 
-    from .config import TargetedDropoutConfig
     from .hub import push_pruned_to_hub, save_pruned
     from .pruning import METHODS, prune_model
     from .shrink import shrink_model
@@ -488,8 +489,7 @@ def _run_prune(args) -> int:
     # ---- write ------------------------------------------------------------------------------------
     base_model = args.base_model or (None if is_local else args.model)
     save_kwargs = dict(tokenizer_or_processor=preprocessor, prune_report=prune_report, shrink_report=shrink_report,
-                       base_model=base_model,
-                       training_config=training_config if isinstance(training_config, TargetedDropoutConfig) else None)
+                       base_model=base_model, training_config=training_config)
     if args.output is not None:
         out = save_pruned(model, args.output, overwrite=args.overwrite, **save_kwargs)
         print(f"Saved to {out}")

@@ -1,4 +1,8 @@
-"""Configuration of targeted dropout: a validated dataclass, serialisable to JSON."""
+"""Validation of settings and the JSON round trip shared by every method's config.
+
+The configs themselves live with their methods (:mod:`hf_tdrop.methods`; targeted dropout's
+:class:`hf_tdrop.TargetedDropoutConfig` in :mod:`hf_tdrop.methods.targeted_dropout`). This module
+imports no torch, so the command line validates its arguments before loading torch."""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar, Union
+
+from ._utils import read_json
+from .constants import TDROP_CONFIG_NAME, TDROP_FORMAT, TRAINING_CONFIG_KEY, TRAINING_CONFIG_NAME
 
 MODES = ("weight", "unit", "nm")
 """Targeting granularities: ``"weight"`` targets the lowest-|w| entries of each output unit's
@@ -19,8 +25,6 @@ incoming weight vector w_o; ``"unit"`` targets whole output units with the lowes
 
 TargetSpec = Optional[Union[str, Sequence[str]]]
 
-TRAINING_CONFIG_NAME = "tdrop_training_config.json"
-"""File name under which ``save_pretrained`` writes a training config."""
 
 _Config = TypeVar("_Config", bound="ConfigSerializationMixin")
 
@@ -55,6 +59,43 @@ def check_nm(n: Any, m: Any) -> tuple[int, int]:
     if not 1 <= n < m:
         raise ValueError(f"`n` (nonzeros kept per group of m={m}) must be an integer in [1, {m - 1}], got {n!r}.")
     return int(n), int(m)
+
+
+def check_number(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite real number in the given range, else raise
+    ``ValueError`` naming ``name`` and the range. ``bool`` and NaN are rejected."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or math.isinf(value):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"`{name}` must be in {lo}{low:g}, {high:g}{hi}, got {value!r}.")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """Return ``value`` if it is an integer ``>= minimum``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """Return ``value`` if it is True or False, else raise ``ValueError``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
 
 
 def check_target_spec(name: str, value: Any) -> Optional[tuple[str, ...]]:
@@ -119,18 +160,16 @@ class ConfigSerializationMixin:
             FileNotFoundError: no such file, or no config in the directory.
             ValueError: the file is not valid JSON or does not hold a valid config of this class.
         """
-        data, path = _read_config_file(Path(path_or_dir))
+        data, path = read_config_file(Path(path_or_dir))
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{str(path)!r} does not hold a valid {cls.__name__}: {err}") from None
 
 
-def _read_config_file(path: Path) -> tuple[dict, Path]:
-    """The config dict stored at ``path`` (a directory or a file) and the file it came from."""
-    from ._utils import read_json
-    from .hub import TDROP_CONFIG_NAME, TDROP_FORMAT, TRAINING_CONFIG_KEY
-
+def read_config_file(path: Path) -> tuple[dict, Path]:
+    """The config dict stored at ``path`` (a directory or a file: its ``tdrop_training_config.json``,
+    else the training config recorded in a ``tdrop_config.json``) and the file it came from."""
     in_directory = path.is_dir()
     if in_directory:
         if (path / TRAINING_CONFIG_NAME).is_file():
@@ -152,84 +191,3 @@ def _read_config_file(path: Path) -> tuple[dict, Path]:
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} does not hold a config (a JSON object), got {type(data).__name__}.")
     return data, path
-
-
-@dataclass
-class TargetedDropoutConfig(ConfigSerializationMixin):
-    """Targeted dropout settings (Gomez et al., 2019, arXiv:1905.13678).
-
-    At every training forward pass of a targeted layer, the ``gamma`` fraction of lowest-magnitude
-    elements is selected and each selected element is dropped (zeroed) with probability ``alpha``.
-    The expected fraction of weights kept is ``1 - gamma * alpha``. Entries held at zero by
-    :func:`hf_tdrop.hold_pruned` are never targeted: the targeted set is chosen among the survivors.
-
-    Args:
-        alpha: drop probability of a targeted element, in [0, 1] (applied at a resolution of
-            ``2**-16``: the draws are 16-bit random words, see ``masking.sample_drop``).
-        gamma: targeted fraction, in [0, 1]. Weight mode targets ``floor(gamma * fan_in)`` entries of
-            each output unit's weight vector w_o; unit mode targets ``floor(gamma * n_out)`` units;
-            nm mode targets ``floor(gamma * T)`` of the ``T`` groups of each w_o that have entries
-            to target (see ``n``/``m``), so ``gamma = 1`` targets every group and a γ ramp grows the
-            N:M-targeted part of each row group by group.
-        mode: ``"weight"``, ``"unit"`` or ``"nm"``.
-        n, m: the N:M pattern of nm mode (integers, ``1 <= n < m``; default 2:4; validated in every
-            mode, used only by nm). Each w_o (the ``[n_out, fan_in]`` view: Linear rows, the columns
-            of transformers' ``Conv1D`` ``[in, out]`` weight, a ConvNd output channel's flattened
-            ``in * kernel`` inputs) is cut into groups of ``m`` consecutive inputs; in a group its
-            ``m - n`` smallest-|w| entries (ties: lowest index first, ranked in float32) are the
-            group's targeted set, each dropped with probability α. When ``m`` does not divide
-            ``fan_in`` the last group has ``r < m`` entries and is treated as zero-padded to ``m``:
-            its ``max(0, r - n)`` smallest entries are targeted (``T`` counts this group only when
-            ``r > n``). With ``gamma < 1`` the targeted groups of a row are the ``floor(gamma * T)``
-            whose targeted entries have the smallest sum of |w| (summed in float64; ties: lowest group
-            index first). The expected kept fraction is about ``1 - gamma * alpha * (m - n) / m``.
-        target_modules: which layers to patch. ``None`` = every supported layer (``nn.Linear``,
-            transformers' ``Conv1D``, ``nn.Conv1d/2d/3d``) except output heads and layers tied to
-            embeddings. A string or list of strings; each pattern matches a module's full name
-            exactly, as a dotted suffix (``"query"`` matches ``encoder.layer.0.attention.self.query``),
-            or as a regex (``re.fullmatch``).
-        exclude_modules: patterns (same rules) of layers never to patch.
-        rescale: if True, scale kept weights by ``1 / (1 - gamma * alpha)`` during training
-            (``1 / (1 - gamma * alpha * (m - n) / m)`` in nm mode; the reference implementation does
-            not rescale; off by default).
-        drop_targeted_at_eval: if True, the targeted set is removed (zeroed) in eval mode, as in the
-            reference code's evaluation. Default False: in ``eval()`` a patched layer computes exactly
-            what the unpatched layer computes.
-        refresh_every: recompute the targeted set (the per-unit magnitude ranking) only every
-            this many optimizer steps (``step()`` calls of the ``torch.optim`` optimizer holding the
-            layer's weight, whatever its implementation; several forward passes per step, as with
-            gradient accumulation or checkpointing, count once); the Bernoulli(α) draw is still
-            fresh at every forward. 1 (default) re-targets at every forward, exactly as the paper;
-            larger values trade exactness for speed, like the paper's Algorithm 1 which re-targets
-            every few epochs. A change of γ always re-targets.
-    """
-
-    alpha: float
-    gamma: float
-    mode: str = "weight"
-    target_modules: TargetSpec = None
-    exclude_modules: TargetSpec = None
-    rescale: bool = False
-    drop_targeted_at_eval: bool = False
-    refresh_every: int = 1
-    n: int = 2
-    m: int = 4
-    extra: dict = field(default_factory=dict)
-    """Free-form metadata kept with the config (e.g. the schedule used); written to JSON as is."""
-
-    def __post_init__(self) -> None:
-        self.alpha = check_fraction("alpha", self.alpha)
-        self.gamma = check_fraction("gamma", self.gamma)
-        check_mode(self.mode)
-        self.n, self.m = check_nm(self.n, self.m)
-        for spec in ("target_modules", "exclude_modules"):
-            patterns = check_target_spec(spec, getattr(self, spec))
-            if patterns is not None and not isinstance(getattr(self, spec), str):
-                setattr(self, spec, list(patterns))  # JSON-friendly
-        for flag in ("rescale", "drop_targeted_at_eval"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
-            raise ValueError(f"`refresh_every` must be an integer >= 1, got {self.refresh_every!r}.")
-        if not isinstance(self.extra, dict):
-            raise ValueError(f"`extra` must be a dict, got {type(self.extra).__name__}.")

@@ -49,8 +49,10 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import masking
-from .layers import HELD_ZEROS, check_materialized, weight_layout
+from .layers import check_materialized, weight_layout
+from .pruning import PruneReport
 from .targets import select_layers
+from .tracking import HELD_ZEROS
 
 _HOLDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 """Parameter -> {hold id: bool mask}; the union of a Parameter's masks is ``layers.HELD_ZEROS[param]``."""
@@ -255,8 +257,6 @@ def _check_mask(name: str, mask: Any, weight: torch.Tensor) -> torch.Tensor:
 
 def _layers_to_hold(model: nn.Module, prune_report: Any, target_modules, exclude_modules,
                     masks: Any) -> list[tuple[str, nn.Module, Optional[torch.Tensor]]]:
-    from .pruning import PruneReport
-
     if prune_report is not None and not isinstance(prune_report, PruneReport):
         raise ValueError(f"`prune_report` must be None or a PruneReport (from prune_model), got {type(prune_report).__name__}.")
     if masks is not None and not isinstance(masks, Mapping):

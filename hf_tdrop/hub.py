@@ -25,33 +25,45 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional
 
-from .config import TargetedDropoutConfig, check_mode
+from torch import nn
 
-if TYPE_CHECKING:  # torch is imported where it is used, so that the command line starts fast
-    from torch import nn
+from . import __version__
+from ._utils import PathLike, check_output_dir, write_json
+from .config import check_mode, check_nm
+from .constants import (
+    CONFIG_ATTR,
+    CRITERIA_NAME,
+    LEGACY_CRITERIA_NAME,
+    METHOD_ATTR,
+    MODEL_CARD_NAME,
+    TDROP_CONFIG_NAME,
+    TDROP_FORMAT,
+    TRAINING_CONFIG_KEY,
+)
+from .criteria import _learned_criteria_of, _write_criteria, criteria_file, load_learned_criteria, save_learned_criteria
+from .methods.base import MethodConfig, config_from_dict, method_layers
+from .nm import check_nm_sparsity
+from .patching import get_targeting, is_patched, targeted_layers
+from .pruning import PruneReport, check_group_fraction, check_method, check_sparsity
+from .reports import sparsity_report
+from .shrink import ShrinkReport
+from .sweeps import SweepResult, combine_sweeps, plot_sweeps
+
+__all__ = ["CRITERIA_NAME", "LEGACY_CRITERIA_NAME", "TDROP_CONFIG_NAME", "TDROP_FORMAT", "TRAINING_CONFIG_KEY",
+           "auto_class_for", "check_output_dir", "criteria_file", "load_learned_criteria", "push_pruned_to_hub",
+           "save_learned_criteria", "save_pruned"]
 
 logger = logging.getLogger(__name__)
 
-TDROP_CONFIG_NAME = "tdrop_config.json"
-CRITERIA_NAME = "tdrop_criteria.safetensors"
-"""Sidecar of a checkpoint holding learned pruning scores (:func:`save_learned_criteria`)."""
-LEGACY_CRITERIA_NAME = "learned_criterion.pt"
-"""Older sidecar (``torch.save`` of ``{layer: {"name", "granularity", "scores"}}``), still read."""
-TRAINING_CONFIG_KEY = "targeted_dropout"
-"""Entry of ``tdrop_config.json`` holding the training config (``TargetedDropoutConfig.to_dict()``) or null."""
-MODEL_CARD_NAME = "README.md"
 SWEEP_PREFIX = "sweep"
 CARD_TAGS = ("hf-tdrop", "targeted-dropout", "pruned")
-TDROP_FORMAT = "hf-tdrop"
 
-PathLike = Union[str, os.PathLike]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,26 +71,9 @@ PathLike = Union[str, os.PathLike]
 # --------------------------------------------------------------------------------------------------
 
 
-def check_output_dir(output_dir: Any, overwrite: Any) -> Path:
-    """``output_dir`` as a ``Path`` if it can be written (missing, or empty unless ``overwrite``), else ``ValueError``."""
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
-    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
-        raise ValueError(f"`output_dir` must be a non-empty path, got {output_dir!r}.")
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"`output_dir` {str(path)!r} exists and is not a directory.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(
-            f"`output_dir` {str(path)!r} is not empty; pass overwrite=True (CLI: --overwrite) to write into it."
-        )
-    return path
-
-
 def _check_sweep(sweep: Any) -> Optional[list]:
     if sweep is None:
         return None
-    from .sweeps import SweepResult
 
     runs = [sweep] if isinstance(sweep, SweepResult) else sweep
     if isinstance(runs, (str, bytes)) or not isinstance(runs, Sequence) or not runs or \
@@ -90,28 +85,25 @@ def _check_sweep(sweep: Any) -> Optional[list]:
     return list(runs)
 
 
-def _check_training_config(model: nn.Module, training_config: Any) -> Optional[TargetedDropoutConfig]:
+def _check_training_config(model: nn.Module, training_config: Any) -> Optional[MethodConfig]:
     if training_config is None:
-        from .patching import CONFIG_ATTR
-
         found = getattr(model, CONFIG_ATTR, None)
-        return _as_applied(model, found) if isinstance(found, TargetedDropoutConfig) else None
-    if isinstance(training_config, TargetedDropoutConfig):
+        return _as_applied(model, found) if isinstance(found, MethodConfig) else None
+    if isinstance(training_config, MethodConfig):
         return training_config
     if isinstance(training_config, Mapping):
-        return TargetedDropoutConfig.from_dict(dict(training_config))
+        return config_from_dict(dict(training_config))
     raise ValueError(
-        f"`training_config` must be None, a TargetedDropoutConfig or a dict of its fields, "
-        f"got {type(training_config).__name__}."
+        f"`training_config` must be None, a TargetedDropoutConfig (or another method's config) or a dict of its "
+        f"fields, got {type(training_config).__name__}."
     )
 
 
-def _as_applied(model: nn.Module, config: TargetedDropoutConfig) -> TargetedDropoutConfig:
+def _as_applied(model: nn.Module, config: MethodConfig) -> MethodConfig:
     """``config`` with the α/γ its patched layers hold now (what training last applied, e.g. the
     schedule's values), when every layer agrees; ``config`` itself otherwise."""
     import dataclasses
 
-    from .patching import get_targeting, is_patched
 
     if not is_patched(model):
         return config
@@ -134,8 +126,6 @@ def _json_ready(name: str, value: Any) -> Any:
 
 def _pruning_info(prune_report: Any, sparsity: Any, mode: Any, method: Any, n: Any = None,
                   m: Any = None) -> Optional[dict]:
-    from .config import check_nm
-    from .pruning import PruneReport, check_group_fraction, check_method, check_sparsity
 
     if prune_report is not None and not isinstance(prune_report, PruneReport):
         raise ValueError(f"`prune_report` must be None or a PruneReport (from prune_model), got {type(prune_report).__name__}.")
@@ -174,7 +164,6 @@ def _nm_check(model: nn.Module, pruning: Optional[dict]) -> Optional[dict]:
     the exact pattern, recorded next to the settings."""
     if not pruning or pruning.get("mode") != "nm":
         return None
-    from .nm import check_nm_sparsity
 
     names = pruning.get("layers")
     report = check_nm_sparsity(model, pruning["n"], pruning["m"],
@@ -238,7 +227,6 @@ def _fmt_num(value: Any) -> str:
 
 
 def _sweep_markdown(runs: list) -> str:
-    from .sweeps import combine_sweeps
 
     if len(runs) == 1:
         return runs[0].to_markdown()
@@ -289,9 +277,7 @@ def _model_card(model: nn.Module, meta: dict, *, base_model: Optional[str], repo
         if pruning.get("exclude_modules"):
             rows.append(("excluded from pruning", _patterns_md(pruning["exclude_modules"])))
     if training:
-        rows += [("targeted dropout α (alpha)", _fmt_num(training["alpha"])),
-                 ("targeted dropout γ (gamma)", _fmt_num(training["gamma"])),
-                 ("targeted dropout mode", training["mode"])]
+        rows += [(label, _fmt_num(value)) for label, value in config_from_dict(training).card_rows()]
         if training.get("target_modules") is not None:
             rows.append(("trained targets", _patterns_md(training["target_modules"])))
     if meta.get("learned_criteria"):
@@ -399,11 +385,7 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
                  schedule: Optional[Mapping] = None, base_model: Optional[str] = None,
                  overwrite: bool = False) -> Path:
     """:func:`save_pruned`; ``repo_id`` (the Hub repo it is pushed to, or None) titles the model card."""
-    from torch import nn
 
-    from ._utils import write_json
-    from .layers import METHOD_ATTR
-    from .patching import is_patched, targeted_layers
 
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise ValueError(f"`model` must be a transformers PreTrainedModel (with save_pretrained), got {type(model).__name__}.")
@@ -413,12 +395,10 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
             f"`tokenizer_or_processor` must have a save_pretrained method, got {type(tokenizer_or_processor).__name__}."
         )
     runs = _check_sweep(sweep)
-    from .shrink import ShrinkReport
 
     if shrink_report is not None and not isinstance(shrink_report, ShrinkReport):
         raise ValueError(f"`shrink_report` must be None or a ShrinkReport (from shrink_model), got {type(shrink_report).__name__}.")
     pruning = _pruning_info(prune_report, sparsity, mode, method, n, m)
-    from .methods.base import method_layers
 
     with_extra = [(name, getattr(layer, METHOD_ATTR).method) for name, layer in method_layers(model)
                   if getattr(layer, METHOD_ATTR).handler.extra_tensors]
@@ -437,8 +417,6 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
     if base_model is not None and (not isinstance(base_model, str) or not base_model):
         raise ValueError(f"`base_model` must be None or a Hub model id, got {base_model!r}.")
 
-    from . import __version__
-    from .reports import sparsity_report
 
     report = sparsity_report(model)
     nm_check = _nm_check(model, pruning)
@@ -483,8 +461,6 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
 
 def _write_sweep(runs: list, out: Path) -> Optional[str]:
     """Write ``sweep.md/.csv/.json`` (+ ``.png`` if matplotlib works); returns the PNG name or None."""
-    from ._utils import write_json
-    from .sweeps import plot_sweeps
 
     if len(runs) == 1:
         try:
@@ -498,189 +474,6 @@ def _write_sweep(runs: list, out: Path) -> Optional[str]:
         return plot_sweeps(runs, out / f"{SWEEP_PREFIX}.png").name
     except ImportError:
         return None
-
-
-# --------------------------------------------------------------------------------------------------
-# learned pruning scores beside a checkpoint
-# --------------------------------------------------------------------------------------------------
-
-
-def _criterion_shape(module: nn.Module, granularity: str) -> tuple[int, ...]:
-    from .layers import weight_layout
-    from .masking import unit_matrix
-
-    n_out, fan_in = unit_matrix(module.weight.detach(), weight_layout(module)).shape
-    return (n_out, fan_in) if granularity == "weight" else (n_out,)
-
-
-def _learned_criteria_of(model: nn.Module, strict: bool = True) -> dict:
-    """``{layer name: LearnedCriterion}`` of every layer carrying learned scores: recorded by
-    ``finalize_model`` or live from a layer still patched with a method that learns them. Scores
-    whose shape no longer fits their layer (e.g. after ``shrink_model``) raise ``ValueError``, or
-    with ``strict=False`` are left out with a warning."""
-    from .layers import METHOD_ATTR
-    from .methods.base import CRITERION_ATTR, learned_scores
-    from .targets import supported_layers
-
-    out = {}
-    for name, module in supported_layers(model):
-        state = module.__dict__.get(METHOD_ATTR)
-        if state is not None and state.handler.criterion is not None:
-            found = learned_scores(module, state.handler.criterion)
-        else:
-            found = module.__dict__.get(CRITERION_ATTR)
-        if found is None:
-            continue
-        expected = _criterion_shape(module, found.granularity)
-        if tuple(found.scores.shape) != expected:
-            message = (f"layer {name or '<model itself>'!r}: its learned {found.name!r} scores have shape "
-                       f"{tuple(found.scores.shape)}, the layer needs {expected} (was it shrunk after training?)")
-            if strict:
-                raise ValueError(message + ".")
-            logger.warning("Not saving learned scores of %s.", message)
-            continue
-        out[name] = found
-    return out
-
-
-def _write_criteria(criteria: dict, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    from . import __version__
-
-    tensors = {name: c.scores.detach().float().contiguous().cpu() for name, c in criteria.items()}
-    layers = {name: {"name": c.name, "granularity": c.granularity} for name, c in criteria.items()}
-    save_file(tensors, str(path), metadata={"format": TDROP_FORMAT, "hf_tdrop_version": __version__,
-                                             "criteria": json.dumps(layers)})
-    return path
-
-
-def save_learned_criteria(model: nn.Module, save_directory: PathLike) -> Optional[Path]:
-    """Write the learned pruning scores of ``model`` beside its weights, as
-    ``save_directory/tdrop_criteria.safetensors``; returns the file's path, or None (nothing
-    written) when no layer carries learned scores.
-
-    The scores are those :func:`hf_tdrop.finalize_model` leaves on each layer
-    (``layer.tdrop_criterion``: L0 ``log α`` for ``method="gates"``, variational dropout's ``log α``
-    for ``method="log_alpha"``), or the live ones of a layer still patched with such a method. A
-    plain ``save_pretrained`` checkpoint does not carry them; with this file,
-    :func:`load_learned_criteria` (and ``hf-tdrop prune --method gates``) can prune the reloaded
-    model by them. :func:`save_pruned` writes it automatically.
-
-    File format: one float32 tensor per layer, keyed by the layer's dotted name (``[n_out, fan_in]``
-    for per-weight scores, ``[n_out]`` for per-unit scores; lowest pruned first), and the metadata
-    entry ``"criteria"``: JSON ``{layer: {"name": criterion, "granularity": "weight" | "unit"}}``.
-
-    Raises:
-        ValueError: ``save_directory`` exists and is not a directory, or scores do not fit their
-            layer's shape (e.g. a model shrunk after training).
-    """
-    from torch import nn
-
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
-        raise ValueError(f"`save_directory` must be a non-empty path, got {save_directory!r}.")
-    directory = Path(save_directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"`save_directory` {str(directory)!r} exists and is not a directory.")
-    criteria = _learned_criteria_of(model)
-    if not criteria:
-        return None
-    directory.mkdir(parents=True, exist_ok=True)
-    return _write_criteria(criteria, directory / CRITERIA_NAME)
-
-
-def criteria_file(directory: PathLike) -> Optional[Path]:
-    """The learned-scores sidecar in ``directory`` (``tdrop_criteria.safetensors``, else the older
-    ``learned_criterion.pt``), or None."""
-    for name in (CRITERIA_NAME, LEGACY_CRITERIA_NAME):
-        path = Path(directory) / name
-        if path.is_file():
-            return path
-    return None
-
-
-def _read_criteria(path: Path) -> dict:
-    """``{layer: (criterion name, granularity, scores)}`` read from a sidecar file."""
-    import torch
-
-    if path.name.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            try:
-                layers = json.loads(meta["criteria"])
-            except (KeyError, ValueError):
-                raise ValueError(f"{str(path)!r} has no 'criteria' metadata; it was not written by "
-                                 "hf_tdrop.save_learned_criteria.") from None
-            keys = set(handle.keys())
-            missing = sorted(set(layers) - keys)
-            if missing:
-                raise ValueError(f"{str(path)!r} lists layer {missing[0]!r} in its metadata but holds no scores for it.")
-            return {name: (info.get("name"), info.get("granularity"), handle.get_tensor(name))
-                    for name, info in layers.items()}
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError(f"{str(path)!r} does not hold {{layer: {{'name', 'granularity', 'scores'}}}}.")
-    return {name: (c.get("name"), c.get("granularity"), c.get("scores")) for name, c in data.items()}
-
-
-def load_learned_criteria(model: nn.Module, directory: PathLike, *, missing_ok: bool = False) -> dict:
-    """Put the learned pruning scores saved beside a checkpoint back on ``model``'s layers, in place,
-    so ``prune_model(model, ..., method="gates")`` (or ``"log_alpha"``) works on a reloaded model.
-
-    Reads ``directory/tdrop_criteria.safetensors`` (written by :func:`save_learned_criteria` and
-    :func:`save_pruned`), or else an older ``learned_criterion.pt`` (``torch.save`` of
-    ``{layer: {"name", "granularity", "scores"}}``). Every entry is checked before any layer
-    changes: the layer exists and is supported, the criterion is a registered one, and the scores
-    have the layer's shape.
-
-    Args:
-        model: the reloaded model (the same architecture and sizes as the one saved).
-        directory: the checkpoint directory.
-        missing_ok: return ``{}`` when the directory has no such file, instead of raising.
-
-    Returns:
-        ``{layer name: LearnedCriterion}`` of the layers set.
-
-    Raises:
-        FileNotFoundError: no sidecar in ``directory`` (unless ``missing_ok``).
-        ValueError: the file does not fit the model (unknown layer, criterion or shape).
-    """
-    from torch import nn
-
-    from .methods.base import CRITERION_ATTR, GRANULARITIES, LearnedCriterion, learned_criteria
-    from .targets import supported_layers
-
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    path = criteria_file(directory)
-    if path is None:
-        if missing_ok:
-            return {}
-        raise FileNotFoundError(f"No {CRITERIA_NAME} (or {LEGACY_CRITERIA_NAME}) in {str(directory)!r}.")
-    layers = dict(supported_layers(model))
-    known = learned_criteria()
-    found = {}
-    for name, (criterion, granularity, scores) in _read_criteria(path).items():
-        where = f"{str(path)!r}, layer {name or '<model itself>'!r}"
-        if name not in layers:
-            raise ValueError(f"{where}: the model has no such supported layer (is it the model the scores "
-                             "were saved with?).")
-        if criterion not in known:
-            raise ValueError(f"{where}: unknown criterion {criterion!r}; known: {sorted(known)}.")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"{where}: granularity must be one of {list(GRANULARITIES)}, got {granularity!r}.")
-        module = layers[name]
-        expected = _criterion_shape(module, granularity)
-        if not hasattr(scores, "shape") or tuple(scores.shape) != expected:
-            raise ValueError(f"{where}: scores of shape {tuple(getattr(scores, 'shape', ()))}, the layer needs {expected}.")
-        found[name] = LearnedCriterion(criterion, granularity, scores.detach().float().to(module.weight.device))
-    for name, criterion in found.items():
-        setattr(layers[name], CRITERION_ATTR, criterion)
-    return found
 
 
 def push_pruned_to_hub(

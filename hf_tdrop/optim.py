@@ -24,7 +24,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from .methods.base import METHOD_ATTR, method_layers
+from .constants import METHOD_ATTR
+from .methods.base import method_layers
 
 METHOD_GROUP_KEY = "tdrop_method"
 """Key of a parameter group that holds a method's own parameters (its value: the method's name)."""

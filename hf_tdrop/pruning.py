@@ -39,7 +39,9 @@ from torch import nn
 
 from . import masking
 from .config import check_fraction, check_mode, check_nm, check_target_spec
+from .constants import CRITERION_ATTR
 from .layers import check_materialized, is_patched_layer, layer_type_name, weight_layout
+from .methods.base import learned_criteria, require_learned_scores
 from .targets import matches_any, select_layers, supported_layers
 
 METHODS = ("magnitude", "random")
@@ -51,8 +53,6 @@ that learns a pruning order also accept its criterion (see :func:`allowed_method
 def allowed_methods() -> list[str]:
     """:data:`METHODS` plus the learned criteria of the registered training methods
     (``"gates"``: L0 ``log α``, lowest first; ``"log_alpha"``: variational dropout, highest first)."""
-    from .methods.base import learned_criteria
-
     return [*METHODS, *learned_criteria()]
 
 
@@ -82,8 +82,6 @@ def resolve_targets(model: nn.Module, target_modules=None, exclude_modules=None,
     candidates = supported_layers(model)
     chosen, source = [(n, m) for n, m in candidates if is_patched_layer(m)], "patched layers"
     if not chosen and method is not None and method not in METHODS:
-        from .methods.base import CRITERION_ATTR
-
         chosen = [(n, m) for n, m in candidates if getattr(m.__dict__.get(CRITERION_ATTR), "name", None) == method]
         source = "layers with learned scores"
     if not chosen:
@@ -347,8 +345,6 @@ def _plan(model: nn.Module, sparsity: Any, mode: Any, method: Any, target_module
         check_materialized(module, name, "pruning")
     learned = {}
     if method not in METHODS:
-        from .methods.base import require_learned_scores
-
         if mode == "nm":
             raise ValueError(f"`method`={method!r} (a learned criterion) prunes in mode 'weight' or 'unit', not 'nm'.")
         learned = {name: c.scores.to(module.weight.device) for (name, module), c in

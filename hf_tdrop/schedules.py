@@ -21,7 +21,8 @@ from torch import nn
 
 from ._utils import unwrap_model
 from .config import check_fraction
-from .patching import CONFIG_ATTR, set_targeting
+from .constants import CONFIG_ATTR
+from .patching import set_targeting
 
 logger = logging.getLogger(__name__)
 

@@ -36,9 +36,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import masking
-from .layers import HELD_ZEROS
-from .methods.base import CRITERION_ATTR
-from .patching import CONFIG_ATTR, is_patched
+from .constants import CRITERION_ATTR
+from .layers import patch_state
+from .methods.base import method_layers
+from .patching import is_patched
+from .tracking import HELD_ZEROS
 
 logger = logging.getLogger(__name__)
 
@@ -360,12 +362,12 @@ def _slice_learned_criterion(module: nn.Module, keep: torch.Tensor, kept: str) -
 
 def _patched_message(model: nn.Module) -> str:
     """Why a patched model cannot be shrunk, naming its method and what unpatching keeps or drops."""
-    config = getattr(model, CONFIG_ATTR, None)
-    method = getattr(config, "method", "") or "targeted_dropout"
-    if method == "targeted_dropout":
-        return ("shrink_model: the model is patched with targeted dropout; call hf_tdrop.unpatch_model(model) "
-                "first (targeted dropout keeps the state_dict, so nothing is lost).")
-    return (f"shrink_model: the model is patched with the {method!r} training method; call "
+    handlers = [patch_state(m).handler for _, m in method_layers(model)]
+    title = handlers[0].title() if handlers else "a training method"
+    if not any(h.extra_tensors for h in handlers):
+        return (f"shrink_model: the model is patched with {title}; call hf_tdrop.unpatch_model(model) "
+                "first (its layers keep their state_dict, so nothing is lost).")
+    return (f"shrink_model: the model is patched with {title}; call "
             "hf_tdrop.finalize_model(model) first. It folds the method's eval-time effect into the weights and "
             "removes the method's own tensors (learned gates / log σ² / switches; a learned pruning order stays "
             "on the layers for prune_model(method=...)), so the shrunk model computes what the patched one "

@@ -34,6 +34,7 @@ except ImportError:  # torch < 2.6
 
 from hf_tdrop import (TargetedDropoutConfig, TargetingSchedule, TargetingScheduler, get_targeting, hold_pruned,
                       layers, masking, patch_model, prune_model)
+from hf_tdrop.methods import targeted_dropout
 
 WORLD = 2
 SCHEDULE = TargetingSchedule(alpha=0.7, gamma=0.6, kind="linear", ramp_steps=4)
@@ -111,12 +112,13 @@ def _spawn(tmp_path, worker, *args) -> None:
 
 class _Spy:
     """Records, for every targeted-dropout forward, the weight the layer saw, the targeted set it used
-    and the drop mask it drew (by wrapping ``layers.targeted_set`` and the untraced mask sampler)."""
+    and the drop mask it drew (by wrapping ``targeted_dropout.targeted_set`` and the untraced mask sampler)."""
 
     def __init__(self):
         self.calls: list[dict] = []
-        self._targeted_set, self._sample = layers.targeted_set, layers._untraced_sample_drop_mask
-        layers.targeted_set, layers._untraced_sample_drop_mask = self._spy_targeted_set, self._spy_sample
+        self._targeted_set, self._sample = targeted_dropout.targeted_set, targeted_dropout._untraced_sample_drop_mask
+        targeted_dropout.targeted_set = self._spy_targeted_set
+        targeted_dropout._untraced_sample_drop_mask = self._spy_sample
 
     def _spy_targeted_set(self, module):
         targeted = self._targeted_set(module)
@@ -131,7 +133,7 @@ class _Spy:
         return drop, scale
 
     def close(self):
-        layers.targeted_set, layers._untraced_sample_drop_mask = self._targeted_set, self._sample
+        targeted_dropout.targeted_set, targeted_dropout._untraced_sample_drop_mask = self._targeted_set, self._sample
 
 
 def _digest(tensors) -> str:

@@ -19,7 +19,7 @@ from hf_tdrop import (
     unpatch_model,
 )
 from hf_tdrop import masking
-from hf_tdrop.layers import targeted_set
+from hf_tdrop.methods.targeted_dropout import targeted_set
 
 
 def _mlp() -> nn.Sequential:

@@ -259,7 +259,7 @@ def test_switch_and_unsupported_inputs_use_the_torch_path(monkeypatch):
         pass
 
     assert native.supports(w) and not native.supports(w.as_subclass(Wrapped))
-    monkeypatch.setattr(masking, "SYNC_FREE_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(masking.selection, "SYNC_FREE_DEVICE_TYPES", frozenset({"cpu"}))
     assert torch.equal(masking.targeted_weights_bracketed(w, 0.75)[0], expected)
 
 

@@ -29,7 +29,8 @@ from hf_tdrop import (
     unpatch_model,
 )
 from hf_tdrop import masking
-from hf_tdrop.layers import targeted_set, weight_layout
+from hf_tdrop.layers import weight_layout
+from hf_tdrop.methods.targeted_dropout import targeted_set
 from hf_tdrop.targets import select_layers
 
 

@@ -10,7 +10,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_tdrop import TargetedDropoutConfig, masking, native, patch_model
-from hf_tdrop.layers import MaskedLinearFunction, targeted_set
+from hf_tdrop.layers import MaskedLinearFunction
+from hf_tdrop.methods.targeted_dropout import targeted_set
 
 
 def reference_targeted(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,7 +100,7 @@ def test_conv1d_weight_mode_gradients_match_plain_masking():
     layer(x).square().sum().backward()
     grad = layer.weight.grad.clone()
     torch.manual_seed(9)
-    from hf_tdrop.layers import sample_drop_mask
+    from hf_tdrop.methods.targeted_dropout import sample_drop_mask
 
     drop, _ = sample_drop_mask(layer, sample=True)
     w = layer.weight.detach().clone().requires_grad_(True)
@@ -210,7 +211,7 @@ def test_weight_changed_between_forwards_is_ranked_again():
     layer(x)
     assert torch.equal(layer.tdrop_state.cached_targeting[-1], masking.targeted_weights(layer.weight, 0.5))
     # fresh Bernoulli draws on a reused set
-    from hf_tdrop.layers import sample_drop_mask
+    from hf_tdrop.methods.targeted_dropout import sample_drop_mask
 
     draws = {tuple(sample_drop_mask(layer, sample=True)[0].flatten().tolist()) for _ in range(4)}
     assert len(draws) == 4
@@ -392,14 +393,14 @@ def test_accelerator_dispatch_selects_the_same_sets_without_host_syncs(mode, mon
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     host_sets, host_syncs = _train_steps(_patched_stack(mode))
     assert host_syncs, "the CPU path is expected to read values back (bracketed counting / tie checks)"
-    monkeypatch.setattr(masking, "SYNC_FREE_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(masking.selection, "SYNC_FREE_DEVICE_TYPES", frozenset({"cpu"}))
     free_sets, free_syncs = _train_steps(_patched_stack(mode))
     assert free_syncs == []
     for host_step, free_step in zip(host_sets, free_sets):
         for a, b in zip(host_step, free_step):
             assert torch.equal(a, b)
     assert masking.uses_sync_free_selection(torch.empty(1, device="meta")) is False
-    monkeypatch.setattr(masking, "SYNC_FREE_DEVICE_TYPES", frozenset({"meta"}))
+    monkeypatch.setattr(masking.selection, "SYNC_FREE_DEVICE_TYPES", frozenset({"meta"}))
     assert masking.uses_sync_free_selection(torch.empty(1, device="meta"))
 
 
@@ -412,7 +413,44 @@ def test_step_overhead_benchmark_compares_both_selection_paths(capsys):
     rows = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| bert | 128 |")]
     assert rows == ["unpatched", "nn.Dropout p=0.1", "tdrop weight", "tdrop weight, sync-free selection"]
     assert "ratios of CPU time" in out
-    assert masking.SYNC_FREE_DEVICE_TYPES == frozenset({"cuda", "xpu", "mps"})  # restored after the variant
+    assert masking.selection.SYNC_FREE_DEVICE_TYPES == frozenset({"cuda", "xpu", "mps"})  # restored after the variant
     with pytest.raises(SystemExit) as exc:
         step_overhead.main(["--device", "nonsense"])
     assert exc.value.code == 2 and "--device: not a torch device: 'nonsense'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_mode_masks_the_output_in_place_with_the_values_and_gradients_of_the_plain_multiply(kind, dtype):
+    """Unit mode's fused path (UnitMaskedLinearFunction) gives bit for bit the output and the input,
+    weight and bias gradients of ``original forward * keep``, and keeps no activation-sized tensor
+    of its own for backward (only the [n_out] bool mask besides what the plain layer keeps)."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_tdrop.methods.targeted_dropout import sample_drop_mask
+
+    torch.manual_seed(0)
+    plain = (nn.Linear(16, 24) if kind == "linear" else Conv1D(24, 16)).to(dtype)
+    model = nn.Sequential(copy.deepcopy(plain))
+    patch_model(model, 0.9, 0.75, mode="unit")
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(1)
+        out = model(x)
+    torch.manual_seed(1)
+    drop, _ = sample_drop_mask(model[0], True)
+    assert 0 < int(drop.sum()) < 24
+    expected = plain(x_ref) * (~drop).to(dtype)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(model[0].weight.grad, plain.weight.grad) and torch.equal(model[0].bias.grad, plain.bias.grad)
+    # the input, the weight and the [n_out] mask: no activation-sized tensor of the output's size
+    assert sorted(tuple(t.shape) for t in saved) == sorted([tuple(x.shape), tuple(plain.weight.shape), (24,)])
+    assert [t.dtype for t in saved if t.dim() == 1] == [torch.bool]

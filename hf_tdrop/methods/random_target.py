@@ -11,7 +11,7 @@ import torch
 
 from .. import masking
 from ..config import check_fraction
-from ..layers import METHOD_ATTR
+from ..constants import METHOD_ATTR
 from .base import (
     Method,
     MethodConfig,
@@ -80,6 +80,7 @@ class RandomTarget(Method):
     name = "random_target"
     config_class = RandomTargetConfig
     extra_tensors = (SCORES,)
+    targeting = True
 
     def setup(self, module, config):
         weight = module.weight

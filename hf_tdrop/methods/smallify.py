@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers import optimizer_steps
+from ..tracking import optimizer_steps
 from .base import Method, MethodConfig, check_number, n_units, per_unit, register_method, settings
 
 SWITCH = "smallify_switch"

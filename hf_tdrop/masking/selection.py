@@ -1,83 +1,20 @@
-"""Targeted-dropout and magnitude-pruning masks as pure tensor functions.
-
-Every function here works on a weight matrix viewed as ``[n_out, fan_in]``: row ``o`` is w_o, all
-the weights feeding output unit (or channel) ``o``. :func:`unit_matrix` makes that view for the
-supported layouts. Nothing here touches modules, and nothing draws random numbers except
-:func:`sample_drop` / :func:`random_words` (and the random-pruning masks), which use torch's global
-RNG (reproducible under ``torch.manual_seed``) unless a ``generator`` is given.
-
-Selection ranks in float32 whatever the weight's dtype, so exactly ``k`` elements are selected even
-when low-precision weights tie (ties go to the lowest index). :func:`lowest_k` is a partial
-selection per row (``topk`` of the smaller side, plus a cumulative count only when ties need
-breaking), never a full sort; :func:`lowest_k_bracketed` gives the same mask for weights that move
-a little between calls (training), mostly by counting against the previous call's thresholds.
-Both read a few values back to the host per call (cheap on CPU, a stall on an accelerator): on the
-device types in :data:`SYNC_FREE_DEVICE_TYPES` they give way to :func:`lowest_k_sync_free`, the
-same mask from one ``topk`` over unique sort keys, with no host synchronisation. On CPU,
-:func:`targeted_weights_bracketed` runs the compiled kernel of :mod:`hf_tdrop.native` when it is
-available: the same masks and brackets in two passes over each row.
-:func:`targeted_nm` ranks within groups of ``m`` consecutive entries of each row (N:M patterns), by
-``m`` whole-tensor comparisons instead of a sort.
-"""
+"""Exact selection of the lowest-ranked entries: :func:`lowest_k` (a partial selection per row),
+:func:`lowest_k_bracketed` (the same mask for weights that move a little between calls, mostly by
+counting against the previous call's thresholds; through the compiled kernel of
+:mod:`hf_tdrop.native` on CPU), :func:`lowest_k_sync_free` (no host synchronisation, on the device
+types in :data:`SYNC_FREE_DEVICE_TYPES`), and the targeted-dropout and magnitude-pruning masks
+built on them (weight and unit modes, with or without entries held at zero)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Optional
 
 import torch
 
-from . import native
-
-LAYOUT_OUT_IN = "out_in"
-"""``weight`` is ``[n_out, fan_in, *kernel]`` (``nn.Linear``, ``nn.Conv1d/2d/3d``)."""
-LAYOUT_IN_OUT = "in_out"
-"""``weight`` is ``[fan_in, n_out]`` (transformers' ``Conv1D``, used by GPT-2)."""
-LAYOUTS = (LAYOUT_OUT_IN, LAYOUT_IN_OUT)
-
-def fraction_count(fraction: float, n: int) -> int:
-    """``floor(fraction * n)`` for the fraction as written in decimal, computed exactly.
-
-    The float is read as the shortest decimal that gives it back (its ``repr``: ``0.29`` is exactly
-    29/100, not the binary float just below it), and that rational times ``n`` is floored with no
-    rounding: ``fraction_count(0.29, 100) == 29`` (where ``0.29 * 100 == 28.999999999999996``), and
-    ``fraction_count(0.999999999999, 1000) == 999``. The result is clamped to ``[0, n]``.
-    """
-    return _fraction_count(float(fraction), int(n))
-
-
-@functools.lru_cache(maxsize=4096)
-def _fraction_count(fraction: float, n: int) -> int:
-    # cached: called per layer at every forward pass, with few distinct (γ, size) pairs
-    return min(n, max(0, math.floor(Fraction(repr(fraction)) * n)))
-
-
-def unit_matrix(weight: torch.Tensor, layout: str) -> torch.Tensor:
-    """View ``weight`` as ``[n_out, fan_in]`` (no copy for ``out_in``; a transposed view for ``in_out``)."""
-    if layout == LAYOUT_OUT_IN:
-        return weight.reshape(weight.shape[0], -1)
-    if layout == LAYOUT_IN_OUT:
-        if weight.dim() != 2:
-            raise ValueError(f"layout 'in_out' needs a 2-D weight, got shape {tuple(weight.shape)}.")
-        return weight.t()
-    raise ValueError(f"`layout` must be one of {list(LAYOUTS)}, got {layout!r}.")
-
-
-def to_weight_layout(mask2d: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
-    """Inverse of :func:`unit_matrix` for a ``[n_out, fan_in]`` mask: returns it in ``weight``'s shape."""
-    if layout == LAYOUT_IN_OUT:
-        return mask2d.t()
-    return mask2d.reshape(weight.shape)
-
-
-def _row_counts(mask: torch.Tensor) -> torch.Tensor:
-    """True entries per row of a bool mask; summing the bytes into a small int is several times
-    cheaper than ``mask.sum(-1)`` (which widens to int64)."""
-    dtype = torch.int16 if mask.shape[-1] < 2**15 else torch.int32
-    return mask.view(torch.uint8).sum(dim=-1, dtype=dtype)
+from .. import native
+from .layouts import _counts_of_survivors, _row_counts, fraction_count
 
 
 def _ranking_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -369,42 +306,6 @@ def targeted_units(w2d: torch.Tensor, gamma: float) -> torch.Tensor:
     return lowest_k(unit_norms(w2d), fraction_count(gamma, w2d.shape[0]))
 
 
-WORD_LEVELS = 1 << 16
-"""Resolution of the dropout probability: α is applied as ``round(α * 2**16) / 2**16``."""
-
-
-def random_words(shape, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Independent uniform random int16 words (all 65,536 values equally likely) of ``shape``: four
-    per 64-bit draw of torch's RNG (``generator`` or the global one), so a quarter of the random
-    bits, and a cheaper comparison, of one float32 ``torch.rand`` per element."""
-    numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), None, generator=generator)
-    return words.view(torch.int16)[:numel].view(shape)
-
-
-def drop_word_threshold(alpha: float) -> int:
-    """A random word ``u`` (see :func:`random_words`) means "drop" iff ``u < drop_word_threshold(α)``:
-    probability ``round(α * 2**16) / 2**16``, within ``2**-17`` of α."""
-    return min(WORD_LEVELS // 2, max(-WORD_LEVELS // 2, round(alpha * WORD_LEVELS) - WORD_LEVELS // 2))
-
-
-def sample_drop(targeted: torch.Tensor, alpha: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Drop each targeted element independently with probability ``alpha``: bool, True = dropped.
-
-    Every element gets a random word from :func:`random_words` (targeted or not, so the draw does not
-    depend on the targeting) and is dropped iff it is targeted and its word is below
-    :func:`drop_word_threshold`: the probability is α rounded to a multiple of ``2**-16``.
-    ``alpha`` at 0 or 1 (after that rounding) drops nothing or every targeted element, without
-    drawing random numbers."""
-    threshold = drop_word_threshold(alpha)
-    if threshold <= -WORD_LEVELS // 2:
-        return torch.zeros_like(targeted)
-    if threshold >= WORD_LEVELS // 2:
-        return targeted.clone()
-    return targeted & (random_words(targeted.shape, targeted.device, generator) < threshold)
-
-
 def weight_prune_mask(w2d: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Weight-level magnitude pruning: bool ``[n_out, fan_in]``, True = prune. Same selection as
     targeting with ``gamma = sparsity`` (the paper prunes what it targeted)."""
@@ -444,13 +345,6 @@ def lowest_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return ranks < k.to(ranks.device, torch.long)[:, None]
 
 
-def _counts_of_survivors(fraction: float, survivors: torch.Tensor) -> torch.Tensor:
-    """``fraction_count(fraction, c)`` for every count ``c`` of ``survivors`` (an int tensor), exactly."""
-    values = survivors.unique()
-    counts = torch.tensor([fraction_count(fraction, int(c)) for c in values.tolist()], device=survivors.device)
-    return counts[torch.searchsorted(values, survivors)]
-
-
 def targeted_weights_among(w2d: torch.Tensor, gamma: float, held: torch.Tensor) -> torch.Tensor:
     """Weight-level targeting among the surviving weights: bool ``[n_out, fan_in]``, True for the
     ``floor(gamma * s_o)`` smallest-|w| entries of row o among its ``s_o`` entries not ``held``
@@ -482,121 +376,3 @@ def targeted_units_among(w2d: torch.Tensor, gamma: float, held_units: torch.Tens
     (bool ``[n_out]``). Held units are never targeted."""
     k = fraction_count(gamma, w2d.shape[0] - int(held_units.sum()))
     return lowest_k(unit_norms(w2d).masked_fill(held_units, math.inf), k)
-
-
-# --- N:M groups ---
-
-
-def nm_group_count(fan_in: int, m: int) -> int:
-    """Groups of ``m`` consecutive inputs in a row of ``fan_in`` entries: ``ceil(fan_in / m)`` (the
-    last one has ``fan_in mod m`` entries when ``m`` does not divide ``fan_in``)."""
-    return -(-int(fan_in) // int(m))
-
-
-def nm_targetable_groups(fan_in: int, n: int, m: int) -> int:
-    """Groups of a row that an N:M pattern prunes something in: the ``fan_in // m`` full groups, plus
-    the last group of ``r = fan_in mod m`` entries when ``r > n``. The γ (nm targeting) and
-    ``sparsity`` (nm pruning) fractions count these groups."""
-    return int(fan_in) // int(m) + (1 if int(fan_in) % int(m) > int(n) else 0)
-
-
-def _lowest_in_groups(g: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` smallest of every group ``g[..., :]`` (bool like ``g``), ties by lowest index: an
-    entry is taken iff its rank ``#{j: g_j < g_i} + #{j < i: g_j == g_i}`` is below ``k``. ``m``
-    comparisons of the whole tensor (no sort; for small groups cheaper than ``topk``), ``m - 1``
-    more only when ties decide."""
-    m = g.shape[-1]
-    if k <= 0:
-        return torch.zeros_like(g, dtype=torch.bool)
-    if k >= m:
-        return torch.ones_like(g, dtype=torch.bool)
-    rank = torch.zeros(g.shape, dtype=torch.int8 if m <= 127 else torch.int32, device=g.device)
-    for j in range(m):
-        rank += g[..., j:j + 1] < g
-    selected = rank < k
-    # Without ties each group now has exactly k; a tie straddling a group's k-th place gives it
-    # more (never fewer). Only then pay for the index tie-break (on an accelerator, always: checking
-    # would read a count back to the host).
-    if uses_sync_free_selection(g) or int(selected.sum()) != (selected.numel() // m) * k:
-        for j in range(m - 1):
-            rank[..., j + 1:] += g[..., j:j + 1] == g[..., j + 1:]
-        selected = rank < k
-    return selected
-
-
-def _nm_select(scores: torch.Tensor, fraction: float, n: int, m: int, held: Optional[torch.Tensor] = None,
-               group_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """N:M selection on ``scores [rows, fan_in]`` (non-negative; see :func:`targeted_nm`).
-    ``group_scores [rows, G]``, if given, replaces the per-group sums used to choose groups."""
-    rows, fan_in = scores.shape
-    n_groups = nm_group_count(fan_in, m)
-    n_targetable = nm_targetable_groups(fan_in, n, m)
-    k_groups = fraction_count(fraction, n_targetable)
-    if k_groups == 0 or rows == 0:
-        return torch.zeros((rows, fan_in), dtype=torch.bool, device=scores.device)
-    s = _ranking_scores(scores)
-    if held is not None:
-        s = s.masked_fill(held, -1.0)  # below every |w|: a held entry fills one of its group's m - n
-    pad = n_groups * m - fan_in
-    if pad:  # the tail group, zero-padded: the padding ranks below everything (distinct values: no ties)
-        fill = -2.0 - torch.arange(pad, dtype=s.dtype, device=s.device)
-        s = torch.cat([s, fill.expand(rows, pad)], dim=1)
-    g = s.reshape(rows, n_groups, m)
-    selected = _lowest_in_groups(g, m - n)
-    if k_groups < n_targetable:
-        if group_scores is None:
-            group_scores = torch.where(selected, g.clamp_min(0.0), 0.0).to(torch.float64).sum(dim=-1)
-        if n_targetable < n_groups:  # a tail of r <= n entries has nothing to target: never chosen
-            group_scores = group_scores.clone()
-            group_scores[:, -1] = math.inf
-        selected &= lowest_k(group_scores, k_groups).unsqueeze(-1)
-    selected = selected.view(rows, n_groups * m)[:, :fan_in]
-    if held is not None:
-        selected &= ~held
-    return selected
-
-
-def targeted_nm(w2d: torch.Tensor, gamma: float, n: int, m: int, held: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """N:M targeting: bool ``[n_out, fan_in]``, True for the entries an N:M pattern removes.
-
-    Each row w_o is cut into ``G = ceil(fan_in / m)`` groups of ``m`` consecutive inputs; in every
-    group the ``m - n`` smallest |w| are selected (ranked in float32, ties: lowest index first). A
-    last group of ``r < m`` entries counts as zero-padded to ``m``: its ``max(0, r - n)`` smallest
-    are selected. Of the ``T`` groups of a row with something selected (:func:`nm_targetable_groups`),
-    the ``floor(gamma * T)`` whose selected entries have the smallest sum of |w| (in float64; ties:
-    lowest group index) are targeted (all of them for ``gamma = 1``).
-
-    ``held`` (bool ``[n_out, fan_in]``, True = held at zero) entries are never targeted; each one
-    counts as one of its group's ``m - n`` (it is zero already), so only the rest of a group's
-    budget targets its surviving weights.
-    """
-    return _nm_select(w2d.abs(), gamma, n, m, held)
-
-
-def nm_prune_mask(w2d: torch.Tensor, fraction: float, n: int, m: int) -> torch.Tensor:
-    """N:M magnitude pruning: bool ``[n_out, fan_in]``, True = prune. Same selection as targeting
-    with ``gamma = fraction`` (``fraction = 1``: every group, the exact N:M pattern)."""
-    return targeted_nm(w2d, fraction, n, m)
-
-
-def random_nm_prune_mask(w2d: torch.Tensor, fraction: float, n: int, m: int,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Random N:M pruning baseline: in ``floor(fraction * T)`` uniformly random groups of each row
-    (``T``: :func:`nm_targetable_groups`),
-    ``m - n`` uniformly random entries (``max(0, r - n)`` of a last group of ``r < m``)."""
-    rows, fan_in = w2d.shape
-    scores = torch.rand((rows, fan_in), device=w2d.device, generator=generator)
-    group_scores = torch.rand((rows, nm_group_count(fan_in, m)), device=w2d.device, generator=generator)
-    return _nm_select(scores, fraction, n, m, group_scores=group_scores)
-
-
-def nm_group_nonzeros(w2d: torch.Tensor, m: int) -> torch.Tensor:
-    """Nonzero entries in every group of ``m`` consecutive inputs of each row of ``w2d [rows, fan_in]``:
-    int ``[rows, ceil(fan_in / m)]`` (the last group may be shorter)."""
-    rows, fan_in = w2d.shape
-    n_groups = nm_group_count(fan_in, m)
-    nonzero = (w2d != 0).to(torch.int32)
-    pad = n_groups * m - fan_in
-    if pad:
-        nonzero = torch.cat([nonzero, nonzero.new_zeros(rows, pad)], dim=1)
-    return nonzero.reshape(rows, n_groups, m).sum(dim=-1)
