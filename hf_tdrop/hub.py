@@ -43,6 +43,7 @@ from .constants import (
     METHOD_ATTR,
     MODEL_CARD_NAME,
     TDROP_CONFIG_NAME,
+    TARGETED_DROPOUT,
     TDROP_FORMAT,
     TRAINING_CONFIG_KEY,
 )
@@ -378,6 +379,24 @@ def save_pruned(
                         base_model=base_model, overwrite=overwrite)
 
 
+def pruned_below_gamma(config: Any, pruning: Optional[Mapping]) -> Optional[str]:
+    """A one-line warning when a targeted-dropout model is pruned, in the mode it was trained for,
+    below its γ; else None.
+
+    A TD model learns to do without its γ lowest (weights of each w_o, or units): pruned at γ it
+    loses what it was trained to lose. Below γ, the weights that were targeted but are kept were
+    present only ``1 - α`` of the time in training, and the pruned model is often *worse* than at γ.
+    """
+    if config is None or not pruning or getattr(config, "method", "") != TARGETED_DROPOUT:
+        return None
+    gamma, mode, level = getattr(config, "gamma", None), getattr(config, "mode", None), pruning.get("sparsity")
+    if gamma is None or level is None or mode != pruning.get("mode") or level >= gamma - 1e-9:
+        return None
+    return (f"the model was trained with {mode} targeted dropout at γ={gamma:g} but is pruned at {level:g}: below "
+            f"its γ the weights it was trained to lose are still there (present only 1 - α of the time in "
+            f"training), which often costs accuracy; prune it at (or above) γ={gamma:g}.")
+
+
 def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[str], tokenizer_or_processor: Any = None,
                  sweep: Any = None, prune_report: Any = None, shrink_report: Any = None,
                  sparsity: Optional[float] = None, mode: Optional[str] = None, method: Optional[str] = None,
@@ -418,6 +437,10 @@ def _save_pruned(model: nn.Module, output_dir: PathLike, *, repo_id: Optional[st
         raise ValueError(f"`base_model` must be None or a Hub model id, got {base_model!r}.")
 
 
+    below = pruned_below_gamma(config, pruning)
+    if below is not None:
+        logger.warning(below)
+        pruning["below_trained_gamma"] = True
     report = sparsity_report(model)
     nm_check = _nm_check(model, pruning)
     if nm_check is not None:

@@ -371,3 +371,19 @@ def test_save_pruned_writes_the_learned_scores_beside_the_weights(tmp_path):
         "bert.encoder.layer.0.intermediate.dense"]
     with pytest.raises(ValueError, match=r"shape \(3,\), the layer needs \(48,\)"):
         save_learned_criteria(model, tmp_path / "strict")
+
+
+@pytest.mark.parametrize("level, mode, warned", [(0.5, "weight", True), (0.9, "weight", False), (0.95, "weight", False),
+                                                 (0.5, "unit", False)])
+def test_save_pruned_warns_when_a_td_model_is_pruned_below_its_gamma(tmp_path, caplog, level, mode, warned):
+    model = tiny_bert()
+    patch_model(model, alpha=0.75, gamma=0.9, mode="weight")
+    report = prune_model(model, level, mode=mode)
+    with caplog.at_level("WARNING", logger="hf_tdrop.hub"):
+        out = save_pruned(model, tmp_path / "out", prune_report=report)
+    messages = [r.getMessage() for r in caplog.records if "below" in r.getMessage()]
+    assert bool(messages) == warned
+    meta = json.loads((out / "tdrop_config.json").read_text(encoding="utf-8"))
+    assert meta["pruning"].get("below_trained_gamma", False) == warned
+    if warned:
+        assert len(messages) == 1 and "γ=0.9" in messages[0] and "pruned at 0.5" in messages[0]
