@@ -54,7 +54,8 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from translation_data import read_lines, train_joint_tokenizer  # noqa: E402  (the helper module beside this script)
+from cli_args import OneSpellingHelp, arg  # noqa: E402  (helper modules beside this script)
+from translation_data import read_lines, train_joint_tokenizer  # noqa: E402
 
 from hf_tdrop import (  # noqa: E402
     TargetedDropoutCallback,
@@ -95,13 +96,6 @@ EXAMPLES = """examples:
   python examples/causal_lm.py --hidden_size 32 --num_layers 2 --num_heads 2 --vocab_size 200 \\
       --max_train_samples 500 --max_eval_samples 100 --block_size 32 --max_steps 10 --output_dir outputs/smoke
 """
-
-
-def arg(default=None, help="", **metadata):  # noqa: A002 - argparse's own name
-    """A dataclass field that is a command-line flag (``help`` and argparse extras in its metadata)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
@@ -195,9 +189,9 @@ class _Parser(HfArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")  # one line, no usage block
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks; shows a flag's default unless it is None (the help says what
-    is used instead) or the flag is a ``--no_*`` switch."""
+class _HelpFormatter(OneSpellingHelp, argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' line breaks, one spelling per flag, wrapped; shows a flag's default unless
+    it is None (the help says what is used instead) or the flag is a ``--no_*`` switch."""
 
     def _get_help_string(self, action):
         if action.default is None or action.option_strings[0].startswith("--no_"):

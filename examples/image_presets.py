@@ -8,14 +8,14 @@ imports the heavy modules after :func:`parse_args` has returned.
 from __future__ import annotations
 
 import argparse
-import copy
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 from transformers import HfArgumentParser
+
+from cli_args import HELP_WIDTH, OneSpellingHelp, arg
 
 DESCRIPTION = "Train image classifiers with targeted dropout, then sweep weight and unit pruning (paper §5.1)."
 """The first line of the script's docstring, the start of --help."""
@@ -114,7 +114,6 @@ RUN_GRAMMAR = ("none | MODE:ALPHA:GAMMA[:SCHEDULE] | random:MODE:ALPHA:GAMMA[:SC
                "each optionally LABEL=SPEC; MODE weight|unit, SCHEDULE constant|linear|cosine|piecewise|ramp")
 """The run-spec grammar of ``run_specs.py`` (its ``GRAMMAR``; a test checks they are equal), spelled out
 here so that --help does not import run_specs."""
-HELP_WIDTH = 100
 """--help is wrapped to the terminal's width, at most this many columns."""
 PresetName = Literal[tuple(sorted(PRESETS))]
 DatasetKind = Literal["digits", "cifar10", "imagefolder", "files"]
@@ -126,11 +125,6 @@ ScheduleKind = Literal["constant", "linear", "cosine", "piecewise"]
 SaveStrategy = Literal["no", "steps", "epoch"]
 PruneMode = Literal["weight", "unit"]
 SweepSplit = Literal["test", "validation"]
-
-
-def arg(default=None, help="", **metadata):  # noqa: A002 - argparse's own name
-    """A dataclass field that is a command-line flag (``help`` and argparse extras in its metadata)."""
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 def tristate(help: str):  # noqa: A002 - argparse's own name
@@ -325,23 +319,11 @@ class _Parser(HfArgumentParser):
                                 help=argparse.SUPPRESS)
 
 
-class PresetDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class PresetDefaultsHelpFormatter(OneSpellingHelp, argparse.ArgumentDefaultsHelpFormatter):
     """Shows, for flags that presets fill in, the value each preset gives instead of "(default: None)";
     a ``--no_*`` switch as its flag set to false; each flag in one spelling, the snake_case one (the
     kebab-case alias that HfArgumentParser adds, e.g. ``--prune-modes``, is still accepted); wraps to the
     terminal, at most :data:`HELP_WIDTH` columns."""
-
-    def __init__(self, prog, indent_increment=2, max_help_position=32, width=None):
-        width = min(width or shutil.get_terminal_size().columns - 2, HELP_WIDTH)
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-    def _format_action_invocation(self, action):
-        if len(action.option_strings) > 1:
-            kebab = "--" + action.option_strings[0][2:].replace("_", "-")
-            action = copy.copy(action)
-            action.option_strings = [action.option_strings[0]] + [
-                o for o in action.option_strings[1:] if o != kebab]
-        return super()._format_action_invocation(action)
 
     def _get_help_string(self, action):
         dest = action.dest

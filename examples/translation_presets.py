@@ -8,14 +8,14 @@ modules after :func:`parse_args` has returned.
 from __future__ import annotations
 
 import argparse
-import copy
-import shutil
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
 from transformers import HfArgumentParser
+
+from cli_args import HELP_WIDTH, OneSpellingHelp, arg
 
 DESCRIPTION = "Targeted dropout on WMT14 English->German (Gomez et al., 2019, Table 5), with 🤗 Accelerate."
 """The first line of the script's docstring, the start of --help."""
@@ -91,7 +91,6 @@ LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", 
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 """``--save_dtype`` choices: names of torch dtypes."""
 TD_MODES = ("none",) + MODES
-HELP_WIDTH = 100
 """--help is wrapped to the terminal's width, at most this many columns."""
 PROG = "wmt_en_de.py"
 SWEEP_FILE = "sweep-{split}-{mode}"
@@ -116,13 +115,6 @@ TDMode = Literal[TD_MODES]
 ScheduleKind = Literal[SCHEDULE_KINDS]
 SaveDtype = Literal[SAVE_DTYPES]
 PruneMode = Literal[MODES]
-
-
-def arg(default=None, help="", **metadata):  # noqa: A002 - argparse's own name
-    """A dataclass field that is a command-line flag (``help`` and argparse extras in its metadata)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
@@ -286,23 +278,11 @@ class _Parser(HfArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(OneSpellingHelp, argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the examples' line breaks; wraps to the terminal, at most :data:`HELP_WIDTH` columns; shows
     each flag in one spelling, the snake_case one (the kebab-case alias that HfArgumentParser adds,
     e.g. ``--td-mode``, is still accepted); shows a flag's default unless it is None (then the help
     text says what is used instead); a ``--no_*`` switch is described as its flag set to false."""
-
-    def __init__(self, prog, indent_increment=2, max_help_position=32, width=None):
-        width = min(width or shutil.get_terminal_size().columns - 2, HELP_WIDTH)
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-    def _format_action_invocation(self, action):
-        if len(action.option_strings) > 1:
-            kebab = "--" + action.option_strings[0][2:].replace("_", "-")
-            action = copy.copy(action)
-            action.option_strings = [action.option_strings[0]] + [
-                o for o in action.option_strings[1:] if o != kebab]
-        return super()._format_action_invocation(action)
 
     def _get_help_string(self, action):
         if action.option_strings[0].startswith("--no_"):
