@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import masking
-from ..config import MODES, check_fraction, check_mode, check_nm
+from ..config import MODES, check_flag, check_fraction, check_int, check_mode, check_nm
 from ..constants import METHOD_ATTR, TARGETED_DROPOUT
 from ..layers import check_materialized
 from ..tracking import held_zeros, optimizer_steps
@@ -97,11 +97,9 @@ class TargetedDropoutConfig(MethodConfig):
         self.gamma = check_fraction("gamma", self.gamma)
         check_mode(self.mode)
         self.n, self.m = check_nm(self.n, self.m)
-        for flag in ("rescale", "drop_targeted_at_eval"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
-            raise ValueError(f"`refresh_every` must be an integer >= 1, got {self.refresh_every!r}.")
+        check_flag("rescale", self.rescale)
+        check_flag("drop_targeted_at_eval", self.drop_targeted_at_eval)
+        check_int("refresh_every", self.refresh_every, 1)
 
     def to_dict(self) -> dict:
         """The fields as a JSON-friendly dict, without a ``"method"`` key (the format earlier
