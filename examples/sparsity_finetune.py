@@ -263,6 +263,7 @@ def main(argv=None) -> dict:
         if proof["nm_check"]:
             md += [f"N:M check ({args.n}:{args.m}):", "", proof["nm_check"], ""]
     (out / "results.md").write_text("\n".join(md), encoding="utf-8")
+    print(tables_markdown(rows_a, rows_b, args.seeds))
     result = {"args": vars(args), "seconds": elapsed, "experiment_a": rows_a, "experiment_b": rows_b}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s and %s (%.0f s)", out / "results.md", out / "results.json", elapsed)
