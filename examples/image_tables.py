@@ -126,8 +126,11 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()}-core CPU, {platform.system()}, OMP_NUM_THREADS={threads}"
 
 
-def record_runs(output_dir: Path, into: Path, machine: Optional[str] = None) -> list[Path]:
-    """Write one record per run of an ``image_classification.py`` output folder; returns the paths."""
+def record_runs(output_dir: Path, into: Path, machine: Optional[str] = None, resumed_at_step: int = 0) -> list[Path]:
+    """Write one record per run of an ``image_classification.py`` output folder; returns the paths.
+
+    ``resumed_at_step``: the step of the checkpoint the training process resumed from (its
+    ``train_runtime`` covers the steps after it only), so seconds per step are those of that leg."""
     summary = json.loads((output_dir / "run_summary.json").read_text(encoding="utf-8"))
     args = summary.get("args", {})
     written = []
@@ -147,8 +150,13 @@ def record_runs(output_dir: Path, into: Path, machine: Optional[str] = None) -> 
         if state.is_file():
             steps = json.loads(state.read_text(encoding="utf-8")).get("global_step")
             train["steps"] = steps
+            if resumed_at_step:
+                if not steps or not 0 < resumed_at_step < steps:
+                    raise SystemExit(f"--resumed_at_step {resumed_at_step}: must be between 0 and the run's "
+                                     f"{steps} steps.")
+                train["resumed_at_step"] = resumed_at_step
             if steps and train.get("train_runtime"):
-                train["seconds_per_step"] = train["train_runtime"] / steps
+                train["seconds_per_step"] = train["train_runtime"] / (steps - resumed_at_step)
         setting = {k: args.get(k) for k in ("model_name_or_path", "learning_rate", "num_train_epochs",
                                              "method_learning_rate", "validation_fraction", "sweep_split", "seed")}
         record = RunRecord(name=name, spec=run["spec"], label=run["label"], kind=run["kind"], method=run["method"],
@@ -269,8 +277,12 @@ def cost_table(records: list[RunRecord]) -> str:
     rows = ["| run | steps | seconds per step | training wall time | machine |", "|---|---:|---:|---:|---|"]
     for r in records:
         sps = r.train.get("seconds_per_step")
+        resumed = r.train.get("resumed_at_step")
+        wall = f"{r.train.get('train_runtime', 0) / 60:.0f} min"
+        if resumed:  # the process that finished the run timed its own steps only
+            wall += f" (steps {resumed}–{r.train.get('steps')}, resumed)"
         rows.append(f"| {r.label}{' (fine-tuned)' if r.finetuned else ''} | {r.train.get('steps', '-')} | "
-                    f"{'-' if sps is None else f'{sps:.2f}'} | {r.train.get('train_runtime', 0) / 60:.0f} min | {r.machine} |")
+                    f"{'-' if sps is None else f'{sps:.2f}'} | {wall} | {r.machine} |")
     return "\n".join(rows)
 
 
@@ -476,6 +488,8 @@ def main(argv=None) -> None:
     rec.add_argument("output_dir", type=Path)
     rec.add_argument("--into", type=Path, required=True, help="folder of run records")
     rec.add_argument("--machine", default=None, help="machine description (default: read from this one)")
+    rec.add_argument("--resumed_at_step", type=int, default=0,
+                     help="step of the checkpoint the run was resumed from: its time per step is the last leg's")
     bld = sub.add_parser("build", help="build every table from a folder of run records")
     bld.add_argument("runs_dir", type=Path)
     bld.add_argument("--output_dir", type=Path, required=True)
@@ -484,7 +498,7 @@ def main(argv=None) -> None:
     if args.command == "record":
         if not (args.output_dir / "run_summary.json").is_file():
             parser.error(f"output_dir {args.output_dir}: no run_summary.json (not a finished image_classification.py run)")
-        for path in record_runs(args.output_dir, args.into, args.machine):
+        for path in record_runs(args.output_dir, args.into, args.machine, args.resumed_at_step):
             print(path)
     else:
         records = load_records(args.runs_dir)

@@ -118,6 +118,14 @@ def test_record_reads_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
     assert rec.gamma == 0.9 and rec.mode == "weight" and set(rec.sweeps) == {"weight", "unit"}
     assert rec.sweeps["weight"]["sparsities"] == [0.0, 0.9] and rec.train["steps"] > 0
     assert rec.train["seconds_per_step"] > 0 and rec.machine == "m"
+    # a run finished by a resumed process: its runtime covers the steps after the checkpoint only
+    steps = rec.train["steps"]
+    resumed = tables.record_runs(out, tmp_path / "resumed", machine="m", resumed_at_step=steps // 2)
+    again = tables.RunRecord.from_dict(json.loads(resumed[1].read_text(encoding="utf-8")))
+    assert again.train["seconds_per_step"] == pytest.approx(rec.train["seconds_per_step"] * steps / (steps - steps // 2))
+    assert f"(steps {steps // 2}–{steps}, resumed)" in tables.cost_table([again])
+    with pytest.raises(SystemExit, match="--resumed_at_step"):
+        tables.record_runs(out, tmp_path / "bad", resumed_at_step=steps)
     summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))
     del summary["unpruned"]["none"]
     (out / "run_summary.json").write_text(json.dumps(summary), encoding="utf-8")
