@@ -35,6 +35,33 @@ def run_benchmark(name: str, argv: list[str], capsys):
     return module, capsys.readouterr().out
 
 
+def run_script_in_fresh_python(script: Path, argv: list, cwd, heavy_modules) -> tuple[int, str, str, list]:
+    """Run ``script`` as ``__main__`` in a fresh interpreter with ``argv``, as ``python script``
+    does (its folder first on ``sys.path``); returns (exit status, stdout, stderr, which of
+    ``heavy_modules`` had been imported by then)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, runpy, sys\n"
+        f"sys.argv = [{str(script)!r}] + {list(argv)!r}\n"
+        f"sys.path.insert(0, {str(Path(script).parent)!r})\n"
+        "code = 0\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({list(heavy_modules)!r}))\n"
+        "sys.stderr.write('HEAVY=' + json.dumps(heavy) + '\\n')\n"
+        "sys.exit(code)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    *err_lines, heavy_line = proc.stderr.rstrip("\n").split("\n")
+    assert heavy_line.startswith("HEAVY="), proc.stderr[-3000:]
+    return proc.returncode, proc.stdout, "\n".join(err_lines), json.loads(heavy_line[len("HEAVY="):])
+
+
 def require_shared_data(*parts: str) -> Path:
     """Path under ../shared/data, or skip the test with the reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

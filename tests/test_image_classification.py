@@ -19,7 +19,7 @@ import hf_tdrop
 from hf_tdrop import SweepResult, SweepTable, patch_model, prune_model
 from hf_tdrop.models import MLPConfig, MLPForImageClassification
 
-from conftest import REPO_ROOT, require_shared_data
+from conftest import REPO_ROOT, require_shared_data, run_script_in_fresh_python as fresh_python
 
 EXAMPLES = REPO_ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -467,26 +467,7 @@ HEAVY_MODULES = ("torch", "hf_tdrop", "image_data", "run_specs", "datasets", "ac
 
 
 def run_script_in_fresh_python(argv, cwd):
-    """Run the script as ``__main__`` in a fresh interpreter with ``argv``; returns (exit status, stdout,
-    stderr, the heavy modules that were imported by then)."""
-    script = str(EXAMPLES / "image_classification.py")
-    probe = (
-        "import json, runpy, sys\n"
-        f"sys.argv = [{script!r}] + {list(argv)!r}\n"
-        f"sys.path.insert(0, {str(EXAMPLES)!r})\n"  # as `python examples/image_classification.py` does
-        "code = 0\n"
-        "try:\n"
-        f"    runpy.run_path({script!r}, run_name='__main__')\n"
-        "except SystemExit as exit:\n"
-        "    code = exit.code\n"
-        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY_MODULES)!r}))\n"
-        "sys.stderr.write('HEAVY=' + json.dumps(heavy) + '\\n')\n"
-        "sys.exit(code)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
-    *err_lines, heavy_line = proc.stderr.rstrip("\n").split("\n")
-    assert heavy_line.startswith("HEAVY="), proc.stderr[-3000:]
-    return proc.returncode, proc.stdout, "\n".join(err_lines), json.loads(heavy_line[len("HEAVY="):])
+    return fresh_python(EXAMPLES / "image_classification.py", argv, cwd, HEAVY_MODULES)
 
 
 def test_help_shows_one_spelling_per_flag_in_short_lines_without_heavy_imports(tmp_path):
