@@ -209,8 +209,9 @@ def pruned_bert(cwd: Path) -> dict:
 
 def gpt2_td_checkpoint(cwd: Path) -> dict:
     """A folder ``gpt2-td``: a GPT-2 (12 blocks, as GPT-2 small, but 64 wide) patched with unit
-    targeted dropout on ``.*\\.mlp\\..*``, saved as ``trainer.save_model()`` saves it, with the
-    ``tdrop_training_config.json`` that ``TargetedDropoutCallback`` writes."""
+    targeted dropout on its MLP up projections (``.*\\.mlp\\.c_fc``), saved as
+    ``trainer.save_model()`` saves it, with the ``tdrop_training_config.json`` that
+    ``TargetedDropoutCallback`` writes."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from hf_tdrop import TargetedDropoutConfig, patch_model
@@ -219,7 +220,7 @@ def gpt2_td_checkpoint(cwd: Path) -> dict:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=64, n_layer=12, n_head=2,
                                        bos_token_id=2, eos_token_id=3))
     patch_model(model, config=TargetedDropoutConfig(alpha=0.66, gamma=0.5, mode="unit",
-                                                     target_modules=[r".*\.mlp\..*"]))
+                                                     target_modules=[r".*\.mlp\.c_fc"]))
     model.save_pretrained(cwd / "gpt2-td")
     model.tdrop_config.save_pretrained(cwd / "gpt2-td")
     return {}

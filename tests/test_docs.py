@@ -381,12 +381,13 @@ def check_cli_outputs(ns, cwd):
     from hf_tdrop import check_nm_sparsity
 
     assert json.loads((cwd / "gpt2-ffn50" / "config.json").read_text())["n_inner"] == 128  # 4 x 64 -> half
-    assert re.search(r"^\| `transformer\.h\.0\.mlp\.c_proj` .*\| +50\.00% \(", ns["__bash_output__"], re.M)  # report
+    report = ns["__bash_output__"]  # the shrunk model's sparsity report, as Markdown: nothing zero is left
+    assert re.search(r"^\| `transformer\.h\.0\.mlp\.c_fc` +\| Conv1D \| 64×128 +\| +0\.00% \(0/8192\)", report, re.M)
     from transformers import AutoModelForCausalLM
 
     nm = AutoModelForCausalLM.from_pretrained(cwd / "gpt2-2of4")
     nm_report = check_nm_sparsity(nm, n=2, m=4, target_modules=[r".*\.mlp\..*"])
-    assert nm_report.ok and len(nm_report.layers) == 24
+    assert not nm_report.ok and nm_report.failing_layers == [f"transformer.h.{i}.mlp.c_proj" for i in range(12)]
 
 
 def check_nm_patched(ns, cwd):
