@@ -127,37 +127,33 @@ def bert_trainer(cwd: Path) -> dict:
             "trainer": Trainer(model=names["model"], args=args, train_dataset=names["train_dataset"])}
 
 
-def l0_trained(cwd: Path) -> dict:
-    """``model`` patched with per-weight L0 gates and trained a few steps, ``trainer``, and
-    ``evaluate(model)`` (accuracy and loss on the examples)."""
+def _l0_trained(cwd: Path, mode: str) -> dict:
+    """``bert_dataset`` patched with L0 gates (per weight or per unit), trained one epoch by a
+    ``trainer`` whose optimizer trains the gates; the model stays patched."""
     from transformers import Trainer
 
     from hf_tdrop import L0Config, RegularizationCallback, method_optimizer, patch_model
 
     names = bert_dataset(cwd)
     model = names["model"]
-    patch_model(model, config=L0Config(dataset_size=32, mode="weight", l0=0.1))
-    args = _training_args("l0-out", learning_rate=1e-3, optim="adamw_torch")
-    trainer = Trainer(model=model, args=args, train_dataset=names["train_dataset"],
-                      callbacks=[RegularizationCallback()], optimizers=(method_optimizer(model, args), None))
-    trainer.train()
-    return {**names, "trainer": trainer, "evaluate": _evaluate(names["train_dataset"])}
-
-
-def l0_unit_trainer(cwd: Path) -> dict:
-    """Like ``l0_trained``, with per-unit gates: ``model`` (still patched) and ``trainer``."""
-    from transformers import Trainer
-
-    from hf_tdrop import L0Config, RegularizationCallback, method_optimizer, patch_model
-
-    names = bert_dataset(cwd)
-    model = names["model"]
-    patch_model(model, config=L0Config(dataset_size=32, mode="unit", l0=0.1))
+    patch_model(model, config=L0Config(dataset_size=32, mode=mode, l0=0.1))
     args = _training_args("l0-out", learning_rate=1e-3, optim="adamw_torch")
     trainer = Trainer(model=model, args=args, train_dataset=names["train_dataset"],
                       callbacks=[RegularizationCallback()], optimizers=(method_optimizer(model, args), None))
     trainer.train()
     return {**names, "trainer": trainer}
+
+
+def l0_trained(cwd: Path) -> dict:
+    """``model`` trained with per-weight L0 gates (still patched), its ``trainer``, and
+    ``evaluate(model)`` (accuracy and loss on the examples)."""
+    names = _l0_trained(cwd, "weight")
+    return {**names, "evaluate": _evaluate(names["train_dataset"])}
+
+
+def l0_unit_trainer(cwd: Path) -> dict:
+    """``model`` trained with per-unit L0 gates (still patched) and its ``trainer``."""
+    return _l0_trained(cwd, "unit")
 
 
 def bert_eval_loader(cwd: Path) -> dict:
