@@ -270,11 +270,6 @@ def check_l0_patched(ns, cwd):
     assert layers and all(v["method"] == "l0" for v in layers.values())
 
 
-def method_groups(optimizer) -> list:
-    return [g for g in optimizer.param_groups if any(p.dim() == 1 and p.shape[0] in (64, 32) for p in g["params"])
-            and g.get("lr") == pytest.approx(1e-3)]
-
-
 def check_method_optimizer(ns, cwd):
     trainer = ns["trainer"]
     trainer.create_optimizer()
@@ -583,8 +578,8 @@ def test_guide_commands_run_on_tiny_models(page, index, code, marker, tmp_path):
     nice.write_text('#!/bin/bash\n[ "$1" = -n ] && shift 2\nexec "$@"\n', encoding="utf-8")
     for script in (wrapper, nice):
         script.chmod(0o755)
-    env = {**shell_env(), "PATH": f"{wrapper.parent}{os.pathsep}{shell_env()['PATH']}",
-           "HF_TDROP_SHARED_DATA": str(SHARED_DATA)}
+    env = shell_env()
+    env.update(PATH=f"{wrapper.parent}{os.pathsep}{env['PATH']}", HF_TDROP_SHARED_DATA=str(SHARED_DATA))
     proc = subprocess.run(["bash", "-e", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
