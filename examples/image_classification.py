@@ -417,12 +417,17 @@ def image_processor(data: ImageData):
 
 
 def trained_model_path(args, spec: RunSpec) -> Optional[Path]:
-    """Where a run's trained model is read from: ``--model_name_or_path``, or with ``--no-do_train``
-    ``<--trained_models_dir or --output_dir>/<run>``; None when a run is trained from scratch."""
+    """Where a run's trained model is read from. With ``--no-do_train``: ``<--trained_models_dir>/<run>``
+    when that is given (it wins over a ``--model_name_or_path``, which may be a preset's starting
+    point), else ``--model_name_or_path``, else ``<--output_dir>/<run>``. When training:
+    ``--model_name_or_path`` (fine-tuning), or None (from scratch)."""
+    evaluate_only = not getattr(args, "do_train", True)
+    if evaluate_only and getattr(args, "trained_models_dir", None):
+        return Path(args.trained_models_dir) / spec.name
     if getattr(args, "model_name_or_path", None):
         return Path(args.model_name_or_path)
-    if not getattr(args, "do_train", True):
-        return Path(args.trained_models_dir or args.output_dir) / spec.name
+    if evaluate_only:
+        return Path(args.output_dir) / spec.name
     return None
 
 

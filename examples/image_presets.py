@@ -278,7 +278,8 @@ class SweepArguments:
     do_train: bool = arg(True, "Train every run. --no_do_train evaluates trained models instead: the single run's "
                          "--model_name_or_path, or each run's directory <run> in --trained_models_dir.")
     trained_models_dir: Optional[str] = arg(None, "With --no_do_train: where each run's trained model is, as "
-                                            "<dir>/<run> (default: --output_dir).")
+                                            "<dir>/<run>; wins over --model_name_or_path (default: "
+                                            "--model_name_or_path, else --output_dir).")
     do_sweep: bool = arg(True, "Sweep pruning levels after training (--no_do_sweep: train and save only).")
     sweep_split: SweepSplit = arg("test", "Split the sweeps and unpruned numbers are measured on: 'validation' (with "
                                   "--validation_fraction) to choose settings, 'test' to report.")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -512,3 +513,25 @@ def test_help_starts_with_the_scripts_own_summary():
     import image_presets
 
     assert ic.__doc__.split("\n\n")[0].strip() == image_presets.DESCRIPTION
+
+
+def test_trained_model_path_prefers_trained_models_dir_when_evaluating(tmp_path):
+    """--no_do_train with --trained_models_dir reads <dir>/<run>, even where a preset (cifar10-cpu-finetune)
+    sets --model_name_or_path to its starting point; training reads --model_name_or_path."""
+    spec = SimpleNamespace(name="unit-a0.9-g0.75")
+    base, models, out = tmp_path / "none", tmp_path / "models", tmp_path / "out"
+    args = SimpleNamespace(model_name_or_path=str(base), do_train=False, trained_models_dir=str(models),
+                           output_dir=str(out))
+    assert ic.trained_model_path(args, spec) == models / "unit-a0.9-g0.75"
+    args.trained_models_dir = None
+    assert ic.trained_model_path(args, spec) == base
+    args.model_name_or_path = None
+    assert ic.trained_model_path(args, spec) == out / "unit-a0.9-g0.75"
+    args.do_train, args.model_name_or_path, args.trained_models_dir = True, str(base), str(models)
+    assert ic.trained_model_path(args, spec) == base
+    args.model_name_or_path = None
+    assert ic.trained_model_path(args, spec) is None
+    parsed = ic.parse_args(["--preset", "cifar10-cpu-finetune", "--no_do_train", "--trained_models_dir", str(models),
+                            "--runs", "unit:0.9:0.75"])
+    assert parsed.model_name_or_path  # the preset's starting point ...
+    assert ic.trained_model_path(parsed, spec) == models / "unit-a0.9-g0.75"  # ... does not hide the trained run
